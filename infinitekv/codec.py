@@ -1,0 +1,125 @@
+"""The cold-tier record: one fixed-size record per (layer, kv-head, token).
+
+For head_dim D the record is 1.5*D + 8 bytes: 104 bytes for D = 64 (SmolLM2, Llama-3.2-1B, most small models).
+All multi-byte fields are little-endian. FORMAT.md documents the same layout inside the shard files.
+
+    offset      size   field
+    0           D      key codes, int8: round(x / key_scale) clipped to [-127, 127], where x = R (k - mu) is the
+                       pre-RoPE key, centred on its per-(layer, kv-head) mean mu and turned by the archive's fixed
+                       orthogonal matrix R. The sign bits of these codes ARE the token's D-bit binary signature.
+    D           D/2    value codes, 4-bit unsigned, two per byte, even dims in the low nibble:
+                       v ~= value_min + code * value_scale
+    1.5D        2      key_scale, float16 (max |x| / 127)
+    1.5D + 2    2      key_mean_abs, float16 (mean |x|): weights the signature score so the first stage ranks
+                       dot products, not just angles
+    1.5D + 4    2      value_scale, float16 ((max v - min v) / 15)
+    1.5D + 6    2      value_min, float16
+
+Why this split (measured on SmolLM2, see BENCHMARKS.md): 8-bit keys and 4-bit values change neither passkey answers
+nor KL; centring on mu makes the key's sign bits a far better signature than signs of the raw key (ranking by
+q.(k - mu) equals ranking by q.k for one query), and R spreads outlier channels over all dims so each sign bit
+carries information and int8 quantisation loses less.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+def record_bytes(head_dim: int) -> int:
+    """Bytes per (layer, kv-head, token) record: D key bytes + D/2 value bytes + 4 float16 scales."""
+    if head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8, got {head_dim}")
+    return head_dim + head_dim // 2 + 8
+
+
+def signature_bytes(head_dim: int) -> int:
+    return head_dim // 8
+
+
+def rotation_matrix(head_dim: int, seed: int) -> np.ndarray:
+    """A fixed random orthogonal matrix R (float32, [D, D]); archives store R itself, not just the seed."""
+    gaussian = np.random.default_rng(seed).standard_normal((head_dim, head_dim))
+    q, r = np.linalg.qr(gaussian)
+    q *= np.sign(np.diag(r))[None, :]
+    return q.astype(np.float32)
+
+
+@nb.njit(parallel=True, cache=True)
+def _encode_codes(x, values, scales, out):
+    # x, values: [N, D] float32 (x already centred and rotated); scales: [N, 4] float32 already rounded to
+    # float16, so codes are chosen against exactly what decode will use; out: [N, record_bytes] uint8
+    n, d = x.shape
+    half = d // 2
+    for i in nb.prange(n):
+        key_scale = scales[i, 0]
+        for j in range(d):
+            c = int(np.rint(x[i, j] / key_scale))
+            out[i, j] = np.uint8(min(127, max(-127, c)) & 0xFF)
+        value_scale = scales[i, 2]
+        value_min = scales[i, 3]
+        for j in range(half):
+            lo = int(np.rint((values[i, 2 * j] - value_min) / value_scale))
+            hi = int(np.rint((values[i, 2 * j + 1] - value_min) / value_scale))
+            out[i, d + j] = np.uint8(min(15, max(0, lo)) | (min(15, max(0, hi)) << 4))
+
+
+def encode_records(keys_centred_rotated: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[N, D] float keys (already R(k - mu)) and values -> [N, record_bytes] uint8 records."""
+    x = np.ascontiguousarray(keys_centred_rotated, dtype=np.float32)
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    n, d = x.shape
+    out = np.empty((n, record_bytes(d)), dtype=np.uint8)
+    if n == 0:
+        return out
+    scales = np.empty((n, 4), dtype=np.float16)
+    abs_x = np.abs(x)
+    key_scale = (abs_x.max(axis=1) / 127.0).astype(np.float16)
+    scales[:, 0] = np.where(key_scale > 0, key_scale, np.float16(1.0))
+    scales[:, 1] = abs_x.mean(axis=1)
+    value_min = v.min(axis=1).astype(np.float16)
+    value_scale = ((v.max(axis=1) - value_min.astype(np.float32)) / 15.0).astype(np.float16)
+    scales[:, 2] = np.where(value_scale > 0, value_scale, np.float16(1.0))
+    scales[:, 3] = value_min
+    _encode_codes(x, v, scales.astype(np.float32), out)
+    out[:, d + d // 2 :] = scales.view(np.uint8)
+    return out
+
+
+def record_fields(records: np.ndarray, head_dim: int):
+    """Views of a [..., record_bytes] uint8 array: (key codes int8, value codes uint8, scales float16[..., 4])."""
+    d = head_dim
+    key_codes = records[..., :d].view(np.int8)
+    value_codes = records[..., d : d + d // 2]
+    scales = np.ascontiguousarray(records[..., d + d // 2 : d + d // 2 + 8]).view(np.float16)
+    return key_codes, value_codes, scales
+
+
+def decode_keys_rotated(records: np.ndarray, head_dim: int) -> np.ndarray:
+    """Records [..., record_bytes] -> dequantised x = R (k - mu), float32 [..., D]."""
+    key_codes, _, scales = record_fields(records, head_dim)
+    return key_codes.astype(np.float32) * scales[..., 0:1].astype(np.float32)
+
+
+def decode_values(records: np.ndarray, head_dim: int) -> np.ndarray:
+    """Records [..., record_bytes] -> dequantised values, float32 [..., D]."""
+    _, value_codes, scales = record_fields(records, head_dim)
+    codes = np.empty(value_codes.shape[:-1] + (head_dim,), dtype=np.float32)
+    codes[..., 0::2] = value_codes & 0x0F
+    codes[..., 1::2] = value_codes >> 4
+    return scales[..., 3:4].astype(np.float32) + codes * scales[..., 2:3].astype(np.float32)
+
+
+def signatures_from_records(records: np.ndarray, head_dim: int) -> np.ndarray:
+    """The derived search index: sign bits of the key codes, packed little-endian, [..., D/8] uint8.
+
+    Bit j of byte b is 1 when key code 8*b + j is negative.
+    """
+    negative = records[..., :head_dim] >= 128  # int8 sign bit
+    return np.packbits(negative, axis=-1, bitorder="little")
+
+
+def key_mean_abs(records: np.ndarray, head_dim: int) -> np.ndarray:
+    """The per-record weight of the signature score, float32 [...]."""
+    return record_fields(records, head_dim)[2][..., 1].astype(np.float32)

