@@ -9,7 +9,7 @@ import typer
 
 from infinitekv.errors import IKVError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="InfiniteKV: never drop a token of context.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="InfiniteKV: never drop a token of context.")
 archive_app = typer.Typer(no_args_is_help=True, help="Pack, unpack and manage archives.")
 bench_app = typer.Typer(no_args_is_help=True, help="Gates and benchmarks; each writes a receipt.")
 app.add_typer(archive_app, name="archive")

@@ -1,0 +1,3 @@
+from infinitekv.cli import main
+
+main()
