@@ -4,10 +4,16 @@
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from infinitekv.attention import RetrievalConfig
 from infinitekv.errors import IKVError
+from infinitekv.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="InfiniteKV: never drop a token of context.")
 archive_app = typer.Typer(no_args_is_help=True, help="Pack, unpack and manage archives.")
@@ -20,6 +26,145 @@ def fail(message: str) -> None:
     """Print one line and exit 2: the only way a user-facing error leaves the CLI."""
     print(f"ikv: error: {message}", file=sys.stderr)
     raise typer.Exit(code=2)
+
+
+@app.command()
+def verify(
+    files: list[str] = typer.Argument(..., help="Receipt files, e.g. receipts/*.json."),
+    rerun: bool = typer.Option(False, "--rerun", help="Run each recorded command again here and compare field by field."),
+    timeout: float | None = typer.Option(None, "--timeout", help="With --rerun: give up on a command after this many seconds."),
+) -> None:
+    """Check receipts are well-formed and unedited (exit 0 only if all pass); --rerun checks they reproduce."""
+    from infinitekv.receipts import rerun_receipt, verify_receipt
+
+    all_ok = True
+    try:
+        for path in files:
+            if rerun:
+                print(f"rerunning {path} ...", file=sys.stderr, flush=True)
+                report = rerun_receipt(path, timeout_s=timeout)
+                print("\n".join(report.lines()), flush=True)
+                all_ok &= report.ok
+            else:
+                verdict = verify_receipt(path)
+                print(f"OK  {path}" if verdict.ok else f"FAIL {path}: {verdict.message}", flush=True)
+                all_ok &= verdict.ok
+    except IKVError as err:
+        fail(str(err))
+    if not all_ok:
+        raise typer.Exit(code=1)
+
+
+def _top_k(value: str) -> int:
+    if value == "auto":
+        return RetrievalConfig.top_k_cold
+    if not value.isdigit():
+        raise IKVError(f"--top-k-cold must be 'auto' or a whole number >= 0, got '{value}'")
+    return int(value)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str | None:
+    if prompt_file is None:
+        return prompt
+    if prompt is not None:
+        raise IKVError("pass either --prompt or --prompt-file, not both")
+    try:
+        return prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise IKVError(f"prompt file {prompt_file} does not exist; check the path") from None
+    except UnicodeDecodeError:
+        raise IKVError(f"prompt file {prompt_file} is not UTF-8 text; convert it to UTF-8") from None
+    except OSError as err:
+        raise IKVError(f"cannot read prompt file {prompt_file}: {err.strerror}") from None
+
+
+@app.command()
+def run(
+    model: str = typer.Option(DEFAULT_MODEL, help="'smollm2-135m' (embedded), a model directory, a .gguf file or a hub id."),
+    archive: Optional[Path] = typer.Option(None, help="Archive directory for the cold tier (created; with --resume, reopened)."),
+    mode: str = typer.Option("disk", help="Where cold records live: 'disk' (memory-mapped files under --archive) or 'ram'."),
+    prompt: Optional[str] = typer.Option(None, help="Document text to read."),
+    prompt_file: Optional[Path] = typer.Option(None, help="Read the document from this UTF-8 file."),
+    question: Optional[str] = typer.Option(None, help="Question asked after the document."),
+    resume: bool = typer.Option(False, help="Continue the conversation saved in --archive without re-reading it."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
+    hot_window: int = typer.Option(RetrievalConfig.hot_window, help="Most recent tokens kept exact."),
+    sinks: int = typer.Option(RetrievalConfig.sinks, help="First tokens kept exact (attention sinks)."),
+    top_k_cold: str = typer.Option("auto", help="Cold tokens retrieved per kv-head per step: auto, N, or 0 to disable."),
+    shortlist: int = typer.Option(RetrievalConfig.shortlist, help="First-stage candidates per kv-head before rerank."),
+    chunk_size: int = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size in tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold when temperature > 0."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    receipt: Optional[Path] = typer.Option(None, help="Where to write the JSON receipt (default: ikv-receipts/run-<time>.json)."),
+) -> None:
+    """Read a long document into a retrieval-backed cache and answer a question; the answer goes to stdout."""
+    from infinitekv import receipts
+    from infinitekv.engine import enable
+    from infinitekv.models import load_model
+
+    started_at = receipts.utc_now()
+    clock = time.perf_counter()
+    if mode not in ("disk", "ram"):
+        raise IKVError(f"--mode must be 'disk' or 'ram', got '{mode}'")
+    if mode == "disk" and archive is None:
+        raise IKVError("--mode disk needs --archive DIR (or use --mode ram)")
+    document = _read_prompt(prompt, prompt_file)
+    if not document and not question:
+        raise IKVError("nothing to ask: pass --prompt, --prompt-file and/or --question")
+    config = RetrievalConfig(
+        sinks=sinks, hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist, chunk_size=chunk_size
+    )
+    loaded = load_model(model)
+    print(f"model {model} loaded ({loaded.weights_sha256[:12]})", file=sys.stderr)
+    with enable(loaded.model, tokenizer=loaded.tokenizer, archive=str(archive) if archive else None, mode=mode,
+                config=config, resume=resume, fingerprint=loaded.weights_sha256) as session:
+        resumed_tokens = len(session.token_ids)
+        answer = session.ask(question, document, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, progress=True)
+        session.commit()
+        bill = session.memory_bill()
+        counters = session.counters
+    print(answer.strip())
+    print(
+        f"tokens {bill['tokens']:,} (cold {bill['cold_tokens']:,}); hot tier {bill['hot_tier_bytes'] / 2**20:.1f} MiB; "
+        f"cold index {bill['cold_index_bytes_resident'] / 2**20:.2f} MiB resident; cold records "
+        f"{bill['cold_record_bytes'] / 2**20:.1f} MiB on {bill['cold_records_where']}; fp16 KV replaced "
+        f"{bill['fp16_kv_bytes_replaced'] / 2**20:.1f} MiB",
+        file=sys.stderr,
+    )
+    inputs = {}
+    if prompt_file is not None:
+        inputs["prompt_file"] = receipts.file_input(prompt_file)
+    elif document:
+        inputs["prompt"] = receipts.text_input(document)
+    if question:
+        inputs["question"] = receipts.text_input(question)
+    decode_ms = 1000 * counters.decode_seconds / max(counters.decode_steps, 1)
+    record = receipts.build_receipt(
+        command=["ikv", "run", *sys.argv[2:]] if sys.argv[1:2] == ["run"] else ["ikv", "run"],
+        config={**asdict(config), "mode": mode, "resume": resume, "seed": seed, "temperature": temperature,
+                "top_p": top_p, "max_new_tokens": max_new_tokens},
+        model={"source": model, "weights_sha256": loaded.weights_sha256},
+        inputs=inputs,
+        outputs={"answer": answer, "answer_sha256": receipts.text_input(answer)["sha256"]},
+        metrics={
+            "prefill_tokens": receipts.metric(counters.prefill_tokens, "tokens"),
+            "resumed_tokens": receipts.metric(resumed_tokens, "tokens"),
+            "prefill_seconds": receipts.metric(round(counters.prefill_seconds, 3), "s"),
+            "decode_ms_per_token": receipts.metric(round(decode_ms, 2), "ms/token"),
+            "total_tokens": receipts.metric(bill["tokens"], "tokens"),
+            "cold_tokens": receipts.metric(bill["cold_tokens"], "tokens"),
+            "hot_tier_bytes": receipts.metric(bill["hot_tier_bytes"], "bytes"),
+            "cold_index_bytes_resident": receipts.metric(bill["cold_index_bytes_resident"], "bytes"),
+            "cold_record_bytes": receipts.metric(bill["cold_record_bytes"], "bytes"),
+            "fp16_kv_bytes_replaced": receipts.metric(bill["fp16_kv_bytes_replaced"], "bytes"),
+        },
+        started_at=started_at,
+        duration_s=time.perf_counter() - clock,
+    )
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("run", directory="ikv-receipts"))
+    print(f"receipt {path}", file=sys.stderr)
 
 
 def main() -> None:
