@@ -1,0 +1,1192 @@
+"""The cold tier: every evicted token's records, append-only, in one file per layer, committed atomically with the
+engine's state.
+
+FORMAT.md describes every byte on disk. In short, an archive directory holds
+
+    MANIFEST                    the last committed point: layout, fingerprint, token count, one xxh3 per block, state
+    layer-000.ikv ...           one shard per layer: a 4096-byte header, then records [N, n_kv_heads, record_bytes]
+    state-00000007.safetensors  the engine's state at that commit (hot tier, token ids), never pickle
+    LOCK                        flock'ed by the one writer; holds its pid
+
+`append` writes records straight into the shard (visible to `records()` at once, through a memory map); `commit`
+makes them durable: fsync the shards, write the state file, then atomically replace MANIFEST. Anything past the
+last MANIFEST is dropped on the next writable open, so a crash at any instant reopens at the last commit.
+
+The search never touches the shards: `signatures()` and `key_weights()` are a derived index kept in RAM, grown with
+capacity doubling on append and rebuilt (while every block checksum is verified) on open.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import mmap
+import os
+import re
+import struct
+import tarfile
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+import zstandard
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from infinitekv import codec
+from infinitekv.errors import IKVError
+
+FORMAT_VERSION = 1
+HEADER_BYTES = 4096
+SHARD_MAGIC = b"IKVSHARD"
+MANIFEST_MAGIC = b"IKVMANIF"
+MANIFEST_NAME = "MANIFEST"
+LOCK_NAME = "LOCK"
+PACK_INDEX_NAME = "IKVPACK.json"
+PACK_VERSION = 1
+DEFAULT_BLOCK_TOKENS = 4096
+MAX_FINGERPRINT_BYTES = 1024
+
+# shard header: magic, format version, header bytes, archive uuid, layer, n_layers, n_kv_heads, head_dim,
+# record_bytes, block_tokens, fingerprint length; the fingerprint follows; xxh3_64 of bytes [0, 4088) at 4088
+_HEADER = struct.Struct("<8sII16sIIIIIIH")
+_HEADER_SUM_AT = HEADER_BYTES - 8
+# manifest: magic, format version, reserved, body length, xxh3_64(body); the JSON body follows
+_MANIFEST_HEAD = struct.Struct("<8sIIQQ")
+_MAX_MANIFEST_BYTES = 256 << 20
+_GROW_MIN_BYTES = 256 << 10  # shard files grow (sparse) in steps of their size, clamped to these bounds
+_GROW_MAX_BYTES = 8 << 20
+_STATE_RE = re.compile(r"state-(\d{8})\.safetensors")
+_STATE_META_KEY = "ikv_state_meta"
+
+
+def shard_name(layer: int) -> str:
+    return f"layer-{layer:03d}.ikv"
+
+
+def state_name(generation: int) -> str:
+    return f"state-{generation:08d}.safetensors"
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint if len(fingerprint) <= 16 else fingerprint[:12] + "…"
+
+
+@dataclass(frozen=True)
+class Layout:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    record_bytes: int  # == codec.record_bytes(head_dim)
+
+    def __post_init__(self):
+        for name in ("n_layers", "n_kv_heads", "head_dim", "record_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 < value < 1 << 20:
+                raise ValueError(f"Layout.{name} must be a positive integer, got {value!r}")
+        expected = codec.record_bytes(self.head_dim)
+        if self.record_bytes != expected:
+            raise ValueError(f"Layout.record_bytes is {self.record_bytes} but head_dim {self.head_dim} needs {expected}")
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token takes in one layer's shard: all kv-heads' records."""
+        return self.n_kv_heads * self.record_bytes
+
+
+@dataclass(frozen=True)
+class _StateRef:
+    file: str
+    bytes: int
+    xxh3: int
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    archive_uuid: str  # 32 hex digits
+    model_fingerprint: str
+    layout: Layout
+    block_tokens: int
+    meta: dict
+    generation: int
+    committed_tokens: int
+    block_sums: list  # per layer: list of int xxh3_64, ceil(committed / block_tokens) each
+    state: _StateRef | None
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+
+def _corrupt(where: str, what: str) -> IKVError:
+    return IKVError(f"{where} is corrupted ({what}); restore the archive from a backup or a pack")
+
+
+def _newer(where: str, version: int) -> IKVError:
+    return IKVError(
+        f"{where} has format version {version} but this InfiniteKV reads format version {FORMAT_VERSION} or older; "
+        "upgrade infinitekv to open it"
+    )
+
+
+def _parse_manifest(raw: bytes, where: str) -> _Manifest:
+    """MANIFEST bytes -> _Manifest, or IKVError saying what is wrong. Trusts nothing."""
+    if len(raw) < _MANIFEST_HEAD.size:
+        raise _corrupt(where, f"truncated: {len(raw)} bytes, the header alone is {_MANIFEST_HEAD.size}")
+    magic, version, _reserved, body_len, body_sum = _MANIFEST_HEAD.unpack_from(raw)
+    if magic != MANIFEST_MAGIC:
+        raise _corrupt(where, "bad magic, not an InfiniteKV manifest")
+    if version > FORMAT_VERSION:
+        raise _newer(where, version)
+    if version < 1 or _reserved != 0:
+        raise _corrupt(where, f"header fields out of range (version {version}, reserved {_reserved})")
+    body = raw[_MANIFEST_HEAD.size :]
+    if body_len != len(body):
+        raise _corrupt(where, f"body is {len(body)} bytes, header says {body_len}")
+    if xxhash.xxh3_64_intdigest(body) != body_sum:
+        raise _corrupt(where, "checksum mismatch")
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _corrupt(where, f"body is not JSON: {err}") from None
+    return _manifest_from_json(obj, where)
+
+
+def _manifest_from_json(obj, where: str) -> _Manifest:
+    """The checked-and-decoded MANIFEST body -> _Manifest; every field type and range is validated."""
+
+    def field(container, key, kind, label=None):
+        value = container.get(key) if isinstance(container, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _corrupt(where, f"field {label or key!r} is missing or has the wrong type")
+        if kind is int and not 0 <= value < 1 << 62:
+            raise _corrupt(where, f"field {label or key!r} is out of range")
+        return value
+
+    if not isinstance(obj, dict):
+        raise _corrupt(where, "body is not a JSON object")
+    version = field(obj, "format_version", int)
+    if version > FORMAT_VERSION:
+        raise _newer(where, version)
+    if version < 1:
+        raise _corrupt(where, f"format version {version}")
+    archive_uuid = field(obj, "archive_uuid", str)
+    if not re.fullmatch(r"[0-9a-f]{32}", archive_uuid):
+        raise _corrupt(where, "archive_uuid is not 32 hex digits")
+    fingerprint = field(obj, "model_fingerprint", str)
+    if not fingerprint or len(fingerprint.encode("utf-8", "surrogatepass")) > MAX_FINGERPRINT_BYTES:
+        raise _corrupt(where, "model_fingerprint is empty or too long")
+    raw_layout = field(obj, "layout", dict)
+    dims = [field(raw_layout, k, int, f"layout.{k}") for k in ("n_layers", "n_kv_heads", "head_dim", "record_bytes")]
+    try:
+        layout = Layout(*dims)
+    except ValueError as err:
+        raise _corrupt(where, f"layout: {err}") from None
+    block_tokens = field(obj, "block_tokens", int)
+    if not 0 < block_tokens <= 1 << 24:
+        raise _corrupt(where, f"block_tokens {block_tokens}")
+    meta = field(obj, "meta", dict)
+    generation = field(obj, "generation", int)
+    committed = field(obj, "committed_tokens", int)
+    shards = field(obj, "shards", list)
+    if len(shards) != layout.n_layers:
+        raise _corrupt(where, f"{len(shards)} shards listed for {layout.n_layers} layers")
+    n_blocks = -(-committed // block_tokens)
+    block_sums = []
+    for layer, shard in enumerate(shards):
+        if field(shard, "file", str, f"shards[{layer}].file") != shard_name(layer):
+            raise _corrupt(where, f"shards[{layer}] names {shard.get('file')!r}, expected {shard_name(layer)!r}")
+        sums = field(shard, "block_xxh3", str, f"shards[{layer}].block_xxh3")
+        if len(sums) != 16 * n_blocks or not re.fullmatch(r"[0-9a-f]*", sums):
+            raise _corrupt(where, f"shards[{layer}] has a block checksum list that does not cover {committed} tokens")
+        block_sums.append([int(sums[i : i + 16], 16) for i in range(0, len(sums), 16)])
+    state = None
+    if obj.get("state") is not None:
+        raw_state = field(obj, "state", dict)
+        name = field(raw_state, "file", str, "state.file")
+        if not _STATE_RE.fullmatch(name):
+            raise _corrupt(where, f"state file name {name!r}")
+        checksum = field(raw_state, "xxh3", str, "state.xxh3")
+        if not re.fullmatch(r"[0-9a-f]{16}", checksum):
+            raise _corrupt(where, "state.xxh3 is not 16 hex digits")
+        state = _StateRef(name, field(raw_state, "bytes", int, "state.bytes"), int(checksum, 16))
+    return _Manifest(archive_uuid, fingerprint, layout, block_tokens, meta, generation, committed, block_sums, state)
+
+
+def _manifest_bytes(m: _Manifest) -> bytes:
+    body = {
+        "format_version": FORMAT_VERSION,
+        "archive_uuid": m.archive_uuid,
+        "model_fingerprint": m.model_fingerprint,
+        "layout": {
+            "n_layers": m.layout.n_layers,
+            "n_kv_heads": m.layout.n_kv_heads,
+            "head_dim": m.layout.head_dim,
+            "record_bytes": m.layout.record_bytes,
+        },
+        "block_tokens": m.block_tokens,
+        "meta": m.meta,
+        "generation": m.generation,
+        "committed_tokens": m.committed_tokens,
+        "shards": [
+            {"file": shard_name(i), "block_xxh3": "".join(f"{s:016x}" for s in sums)}
+            for i, sums in enumerate(m.block_sums)
+        ],
+        "state": None
+        if m.state is None
+        else {"file": m.state.file, "bytes": m.state.bytes, "xxh3": f"{m.state.xxh3:016x}"},
+    }
+    data = json.dumps(body, indent=1).encode("utf-8")
+    return _MANIFEST_HEAD.pack(MANIFEST_MAGIC, FORMAT_VERSION, 0, len(data), xxhash.xxh3_64_intdigest(data)) + data
+
+
+def _header_bytes(layout: Layout, archive_uuid: str, layer: int, block_tokens: int, fingerprint: str) -> bytes:
+    fp = fingerprint.encode("utf-8")
+    head = _HEADER.pack(
+        SHARD_MAGIC, FORMAT_VERSION, HEADER_BYTES, bytes.fromhex(archive_uuid), layer, layout.n_layers,
+        layout.n_kv_heads, layout.head_dim, layout.record_bytes, block_tokens, len(fp),
+    )
+    raw = (head + fp).ljust(_HEADER_SUM_AT, b"\0")
+    return raw + struct.pack("<Q", xxhash.xxh3_64_intdigest(raw))
+
+
+@dataclass(frozen=True)
+class _Header:
+    archive_uuid: str
+    layer: int
+    layout: Layout
+    block_tokens: int
+    model_fingerprint: str
+
+
+def _parse_header(raw: bytes, where: str) -> _Header:
+    """The first HEADER_BYTES of a shard -> _Header, or IKVError. Trusts nothing."""
+    if len(raw) < HEADER_BYTES:
+        raise IKVError(
+            f"{where} has a truncated header ({len(raw)} of {HEADER_BYTES} bytes); "
+            "the archive is damaged, restore it from a backup or a pack"
+        )
+    magic, version, header_bytes, raw_uuid, layer, *dims, block_tokens, fp_len = _HEADER.unpack_from(raw)
+    if magic != SHARD_MAGIC:
+        raise _corrupt(where, "bad magic, not an InfiniteKV shard")
+    if version > FORMAT_VERSION:
+        raise _newer(where, version)
+    (stored_sum,) = struct.unpack_from("<Q", raw, _HEADER_SUM_AT)
+    if xxhash.xxh3_64_intdigest(raw[:_HEADER_SUM_AT]) != stored_sum:
+        raise _corrupt(where, "header checksum mismatch")
+    if version < 1 or header_bytes != HEADER_BYTES or not 0 < fp_len <= MAX_FINGERPRINT_BYTES or block_tokens < 1:
+        raise _corrupt(where, "header fields out of range")
+    try:
+        layout = Layout(*dims)
+        fingerprint = raw[_HEADER.size : _HEADER.size + fp_len].decode("utf-8")
+    except ValueError as err:
+        raise _corrupt(where, f"header: {err}") from None
+    return _Header(raw_uuid.hex(), layer, layout, block_tokens, fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------------- file I/O
+
+
+def _io_error(err: OSError, doing: str) -> IKVError:
+    """An OSError from the filesystem -> one line naming the problem and the fix."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return IKVError(f"disk full while {doing}; free some space and try again")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return IKVError(
+            f"cannot write while {doing}: {err.strerror} (read-only media or no permission); "
+            "use a writable directory or open the archive read-only"
+        )
+    return IKVError(f"I/O error while {doing}: {err.strerror or err}; check the disk")
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+        offset += written
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        part = os.pread(fd, min(n - got, 64 << 20), offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _fdatasync(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
+def _json_or_raise(obj, what: str) -> str:
+    try:
+        return json.dumps(obj)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON-able: {err}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    """Write a whole new file and fsync it; the file is removed again if anything fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _remove_quietly(path)
+        raise
+    os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _end_of_data(fd: int, start: int, end: int) -> int:
+    """Offset just past the last non-zero byte in [start, end) (start if all zero): how far real data reaches in a
+    shard whose tail may be sparse preallocation."""
+    pos = end
+    while pos > start:
+        lo = max(start, pos - (1 << 20))
+        nonzero = np.flatnonzero(np.frombuffer(_pread_exact(fd, pos - lo, lo), np.uint8))
+        if nonzero.size:
+            return lo + int(nonzero[-1]) + 1
+        pos = lo
+    return start
+
+
+def _acquire_lock(path: Path) -> int:
+    """flock LOCK exclusively (non-blocking) and write our pid into it; the fd holds the lock until closed."""
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise _io_error(err, f"taking the writer lock of archive {path}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise IKVError(
+                f"archive {path} is in use by another process (pid {holder}); "
+                "stop that process first, or open the archive read-only"
+            ) from None
+        raise _io_error(err, f"taking the writer lock of archive {path}") from None
+    try:
+        os.ftruncate(fd, 0)
+        _pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid is informational; the flock is what excludes other writers
+    return fd
+
+
+# ---------------------------------------------------------------------------------------------------- archive
+
+
+def _grown(arr: np.ndarray, need: int, keep: int) -> np.ndarray:
+    """arr itself when it holds `need` rows, else a copy with doubled capacity and the first `keep` rows."""
+    if need <= arr.shape[0]:
+        return arr
+    new = np.empty((max(need, 2 * arr.shape[0], 64),) + arr.shape[1:], arr.dtype)
+    new[:keep] = arr[:keep]
+    return new
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
+class _Layer:
+    """One layer's records (a file or a RAM array), derived index and running block checksums."""
+
+    def __init__(self, layout: Layout):
+        h, d = layout.n_kv_heads, layout.head_dim
+        self.n = 0
+        self.sigs = np.empty((0, h, d // 8), np.uint8)
+        self.weights = np.empty((0, h), np.float32)
+        self.ram = np.empty((0, h, layout.record_bytes), np.uint8)  # ram mode only
+        self.fd = -1  # disk mode only, from here on
+        self.capacity = 0  # tokens the file has room for (sparse past n)
+        self.view = None  # [capacity, H, record_bytes] over an mmap of the file
+        self.dirty = False
+        self.high = 0  # the most tokens this layer has held since open: views handed out reach this far
+        self.hasher = xxhash.xxh3_64()  # over the current, unfinished block
+        self.sums: list[int] = []  # xxh3 of every finished block
+        self.saved = (0, self.hasher.copy(), 0)  # (n, hasher, len(sums)) at the last commit
+
+    def index(self, records: np.ndarray, at: int, head_dim: int) -> None:
+        k = records.shape[0]
+        self.sigs = _grown(self.sigs, at + k, at)
+        self.weights = _grown(self.weights, at + k, at)
+        self.sigs[at : at + k] = codec.signatures_from_records(records, head_dim)
+        self.weights[at : at + k] = codec.key_mean_abs(records, head_dim)
+
+    def hash(self, records: np.ndarray, at: int, block_tokens: int) -> None:
+        flat = records.reshape(records.shape[0], -1)
+        pos = 0
+        while pos < len(flat):
+            take = min(block_tokens - (at + pos) % block_tokens, len(flat) - pos)
+            self.hasher.update(flat[pos : pos + take])
+            pos += take
+            if (at + pos) % block_tokens == 0:
+                self.sums.append(self.hasher.intdigest())
+                self.hasher.reset()
+
+    def block_sums(self, block_tokens: int) -> list[int]:
+        return self.sums + ([self.hasher.intdigest()] if self.n % block_tokens else [])
+
+    def save(self) -> None:
+        self.saved = (self.n, self.hasher.copy(), len(self.sums))
+
+    def rollback(self) -> None:
+        n, hasher, n_sums = self.saved
+        self.n, self.hasher = n, hasher.copy()
+        del self.sums[n_sums:]
+
+
+class Archive:
+    """An archive of cold-tier records, one shard per layer; see the module docstring and FORMAT.md."""
+
+    def __init__(self, *, path, layout, model_fingerprint, meta, mode, writable, block_tokens, archive_uuid):
+        self.path = None if path is None else Path(path)
+        self.layout: Layout = layout
+        self.model_fingerprint: str = model_fingerprint
+        self.meta: dict = meta
+        self.mode: str = mode
+        self.writable = writable
+        self.block_tokens = block_tokens
+        self.archive_uuid = archive_uuid
+        self.committed_tokens = 0
+        self.recovered: str | None = None
+        self.generation = 0
+        self._layers = [_Layer(layout) for _ in range(layout.n_layers)]
+        self._lock_fd = -1
+        self._state: _StateRef | None = None
+        self._state_fd = -1
+        self._ram_state: tuple[dict, dict] = ({}, {})
+        self._manifest_raw = b""
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------------------- create/open
+
+    @classmethod
+    def create(
+        cls, path, layout: Layout, model_fingerprint: str, *, mode: str = "disk", meta: dict | None = None,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    ) -> Archive:
+        """A new, empty archive. disk: `path` is created (or must be an empty directory); ram: nothing touches disk."""
+        if not isinstance(layout, Layout):
+            raise ValueError(f"layout must be a Layout, got {type(layout).__name__}")
+        if not isinstance(model_fingerprint, str) or not model_fingerprint:
+            raise ValueError("model_fingerprint must be a non-empty string")
+        if len(model_fingerprint.encode("utf-8")) > MAX_FINGERPRINT_BYTES:
+            raise ValueError(f"model_fingerprint is longer than {MAX_FINGERPRINT_BYTES} bytes")
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict):
+            raise ValueError("meta must be a dict")
+        meta = json.loads(_json_or_raise(meta, "meta"))  # JSON-able, and our own copy
+        if not isinstance(block_tokens, int) or not 0 < block_tokens <= 1 << 24:
+            raise ValueError(f"block_tokens must be in [1, 2**24], got {block_tokens!r}")
+        if mode not in ("disk", "ram"):
+            raise ValueError(f"mode must be 'disk' or 'ram', got {mode!r}")
+        args = dict(layout=layout, model_fingerprint=model_fingerprint, meta=meta, mode=mode, writable=True,
+                    block_tokens=block_tokens, archive_uuid=uuidlib.uuid4().hex)
+        if mode == "ram":
+            return cls(path=None, **args)
+        path = Path(path)
+        made_dir = False
+        if path.exists():
+            cls._check_empty_dir(path)
+        else:
+            try:
+                os.makedirs(path)
+            except OSError as err:
+                raise _io_error(err, f"creating archive directory {path}") from None
+            made_dir = True
+        arc = cls(path=path, **args)
+        created = []
+        try:
+            arc._lock_fd = _acquire_lock(path)
+            cls._check_empty_dir(path, allow=(LOCK_NAME,))  # re-check now that we hold the lock
+            for layer in range(layout.n_layers):
+                file = path / shard_name(layer)
+                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                created.append(file)
+                arc._layers[layer].fd = fd
+                _pwrite_all(fd, _header_bytes(layout, arc.archive_uuid, layer, block_tokens, model_fingerprint), 0)
+                os.fsync(fd)
+            arc._write_manifest(arc._manifest(committed=0, generation=0, state=None))
+        except BaseException as err:
+            arc._close_fds()
+            for file in created:
+                _remove_quietly(file)
+            _remove_quietly(path / LOCK_NAME)
+            if made_dir:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+            if isinstance(err, OSError):
+                raise _io_error(err, f"creating archive {path}") from None
+            raise
+        return arc
+
+    @staticmethod
+    def _check_empty_dir(path: Path, allow=()) -> None:
+        if not path.is_dir():
+            raise IKVError(f"{path} exists and is not a directory; choose a new or empty directory for the archive")
+        if (path / MANIFEST_NAME).exists():
+            raise IKVError(f"{path} already holds an archive; open it (ikv run --resume) or choose a new directory")
+        if any(entry.name not in allow for entry in os.scandir(path)):
+            raise IKVError(f"{path} is not empty; choose a new or empty directory for the archive")
+
+    @classmethod
+    def open(cls, path, *, model_fingerprint: str | None = None, writable: bool = True) -> Archive:
+        """Open an existing archive after validating every header, manifest field and block checksum.
+
+        writable: take the writer lock and drop (truncate) anything past the last commit; read-only: no lock, the
+        uncommitted tail is ignored.
+        """
+        path = Path(path)
+        _read_manifest_file(path)  # refuses missing and non-archive directories before we create a LOCK there
+        lock_fd = _acquire_lock(path) if writable else -1
+        try:
+            for attempt in range(3):
+                raw = _read_manifest_file(path)
+                m = _parse_manifest(raw, f"manifest {path / MANIFEST_NAME}")
+                if model_fingerprint is not None and m.model_fingerprint != model_fingerprint:
+                    raise IKVError(
+                        f"archive {path} was written by another model (fingerprint {_short(m.model_fingerprint)}, "
+                        f"this model is {_short(model_fingerprint)}); use the model that wrote it or a new archive"
+                    )
+                arc = cls(path=path, layout=m.layout, model_fingerprint=m.model_fingerprint, meta=m.meta,
+                          mode="disk", writable=writable, block_tokens=m.block_tokens, archive_uuid=m.archive_uuid)
+                arc._lock_fd = lock_fd
+                try:
+                    arc._load(m, raw)
+                    return arc
+                except _Superseded:
+                    arc._lock_fd = -1
+                    arc._close_fds()  # a writer committed while we read; read the new manifest
+                except BaseException:
+                    arc._lock_fd = -1
+                    arc._close_fds()
+                    raise
+            raise IKVError(f"archive {path} changed three times while being opened; open it when the writer is idle")
+        except BaseException:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            raise
+
+    def _load(self, m: _Manifest, raw: bytes) -> None:
+        path, layout, writable = self.path, self.layout, self.writable
+        tb, committed = layout.token_bytes, m.committed_tokens
+        dropped = 0
+        for layer, sums in enumerate(m.block_sums):
+            file = path / shard_name(layer)
+            lay = self._layers[layer]
+            try:
+                lay.fd = os.open(file, os.O_RDWR if writable else os.O_RDONLY)
+            except FileNotFoundError:
+                self._raise_or_superseded(m, IKVError(
+                    f"archive {path} is missing its shard {file.name}; restore it from a backup or a pack"))
+            except OSError as err:
+                raise _io_error(err, f"opening {file}") from None
+            header = _parse_header(_pread_exact(lay.fd, HEADER_BYTES, 0), f"shard {file}")
+            if header.archive_uuid != m.archive_uuid:
+                raise IKVError(
+                    f"shard {file} belongs to another archive (uuid {header.archive_uuid[:8]}…, this archive is "
+                    f"{m.archive_uuid[:8]}…); put back this archive's own {file.name} or restore from a pack"
+                )
+            if (header.layer, header.layout, header.block_tokens, header.model_fingerprint) != (
+                layer, m.layout, m.block_tokens, m.model_fingerprint
+            ):
+                raise _corrupt(f"shard {file}", "its header does not match the manifest")
+            size = os.fstat(lay.fd).st_size
+            need = HEADER_BYTES + committed * tb
+            if size < need:
+                raise IKVError(
+                    f"shard {file} is truncated: it holds {max(size - HEADER_BYTES, 0) // tb:,} of the "
+                    f"{committed:,} committed tokens; restore the archive from a backup or a pack"
+                )
+            lay.n = lay.capacity = lay.high = committed
+            self._verify_and_index(lay, sums, file)
+            end = _end_of_data(lay.fd, need, size) if size > need else need
+            dropped = max(dropped, -(-(end - need) // tb))
+            if writable and size > need:
+                try:
+                    os.ftruncate(lay.fd, need)
+                except OSError as err:
+                    raise _io_error(err, f"dropping the uncommitted tail of {file}") from None
+            lay.save()
+        if m.state is not None:
+            file = path / m.state.file
+            try:
+                self._state_fd = os.open(file, os.O_RDONLY)
+            except FileNotFoundError:
+                self._raise_or_superseded(m, IKVError(
+                    f"archive {path} is missing its state file {file.name}; restore it from a backup or a pack"))
+            except OSError as err:
+                raise _io_error(err, f"opening {file}") from None
+            self._state = m.state
+            self._read_state_bytes()  # verifies size and checksum
+        self.committed_tokens, self.generation, self._manifest_raw = committed, m.generation, raw
+        if dropped and writable:
+            self.recovered = f"recovered {committed:,} committed tokens; dropped {dropped:,} uncommitted"
+        elif dropped:
+            self.recovered = f"read-only: ignored {dropped:,} uncommitted tokens past the last commit"
+        if writable:
+            self._remove_orphans()
+
+    def _raise_or_superseded(self, m: _Manifest, err: IKVError):
+        """A file the manifest names is gone: corruption, unless (read-only) a writer committed meanwhile."""
+        if not self.writable:
+            try:
+                now = _parse_manifest(_read_manifest_file(self.path), "manifest")
+            except IKVError:
+                now = None
+            if now is not None and now.generation != m.generation:
+                raise _Superseded()
+        raise err
+
+    def _verify_and_index(self, lay: _Layer, sums: list[int], file: Path) -> None:
+        """Check every committed block against its manifest checksum and rebuild the derived index from it."""
+        n, bt = lay.n, self.block_tokens
+        lay.sigs = np.empty((n, self.layout.n_kv_heads, self.layout.head_dim // 8), np.uint8)
+        lay.weights = np.empty((n, self.layout.n_kv_heads), np.float32)
+        if n == 0:
+            return
+        records = self._map(lay)
+        for block, expected in enumerate(sums):
+            lo, hi = block * bt, min((block + 1) * bt, n)
+            chunk = records[lo:hi]
+            hasher = xxhash.xxh3_64(chunk)
+            if hasher.intdigest() != expected:
+                raise IKVError(
+                    f"checksum mismatch in {file} block {block} (tokens {lo:,}-{hi - 1:,}): the archive is "
+                    "corrupted; restore it from a backup or a pack"
+                )
+            lay.sigs[lo:hi] = codec.signatures_from_records(chunk, self.layout.head_dim)
+            lay.weights[lo:hi] = codec.key_mean_abs(chunk, self.layout.head_dim)
+            if hi - lo == bt:
+                lay.sums.append(expected)
+            else:
+                lay.hasher = hasher  # the unfinished last block keeps growing on append
+
+    def _remove_orphans(self) -> None:
+        """Leftovers of a crash: a half-written MANIFEST.tmp, state files no manifest references."""
+        keep = self._state.file if self._state else None
+        for entry in os.scandir(self.path):
+            if entry.name == MANIFEST_NAME + ".tmp" or (_STATE_RE.fullmatch(entry.name) and entry.name != keep):
+                _remove_quietly(Path(entry.path))
+
+    # ----------------------------------------------------------------------------------------------- reading
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens every layer holds (committed + appended since); a layer mid-step may hold more."""
+        return min(lay.n for lay in self._layers)
+
+    def layer_tokens(self, layer: int) -> int:
+        return self._layer(layer).n
+
+    def records(self, layer: int) -> np.ndarray:
+        """uint8 [n, n_kv_heads, record_bytes], read-only; in disk mode a view of the memory-mapped shard."""
+        lay = self._layer(layer)
+        if self.mode == "ram":
+            return _read_only(lay.ram[: lay.n])
+        if lay.view is None or lay.view.shape[0] < lay.n:
+            self._map(lay)
+        return lay.view[: lay.n]
+
+    def signatures(self, layer: int) -> np.ndarray:
+        """uint8 [n, n_kv_heads, head_dim // 8], C-contiguous, read-only: codec.signatures_from_records(records)."""
+        lay = self._layer(layer)
+        return _read_only(lay.sigs[: lay.n])
+
+    def key_weights(self, layer: int) -> np.ndarray:
+        """float32 [n, n_kv_heads], read-only: codec.key_mean_abs(records)."""
+        lay = self._layer(layer)
+        return _read_only(lay.weights[: lay.n])
+
+    def _map(self, lay: _Layer) -> np.ndarray:
+        """(Re)map a shard's whole capacity; old views stay valid (they keep their own mapping alive)."""
+        shape = (lay.capacity, self.layout.n_kv_heads, self.layout.record_bytes)
+        if lay.capacity == 0:
+            lay.view = np.empty(shape, np.uint8)
+        else:
+            mm = mmap.mmap(lay.fd, HEADER_BYTES + lay.capacity * self.layout.token_bytes, access=mmap.ACCESS_READ)
+            lay.view = np.frombuffer(mm, np.uint8, lay.capacity * self.layout.token_bytes, HEADER_BYTES).reshape(shape)
+        return lay.view
+
+    def load_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The engine state of the last commit: ({name: array}, meta); ({}, {}) before the first commit."""
+        self._check_open()
+        if self.mode == "ram":
+            arrays, meta = self._ram_state
+            return {k: v.copy() for k, v in arrays.items()}, json.loads(json.dumps(meta))
+        if self._state is None:
+            return {}, {}
+        raw = self._read_state_bytes()
+        where = f"state file {self.path / self._state.file}"
+        try:
+            (header_len,) = struct.unpack_from("<Q", raw)
+            header = json.loads(raw[8 : 8 + header_len])
+            meta = json.loads(header.get("__metadata__", {}).get(_STATE_META_KEY, "{}"))
+            arrays = st_load(raw)
+        except Exception as err:  # checksum passed, so only a writer bug gets here; still never a traceback
+            raise _corrupt(where, f"not a valid safetensors file: {err}") from None
+        return arrays, meta
+
+    def _read_state_bytes(self) -> bytes:
+        ref = self._state
+        raw = _pread_exact(self._state_fd, ref.bytes + 1, 0)
+        where = f"state file {self.path / ref.file}"
+        if len(raw) != ref.bytes:
+            raise _corrupt(where, f"{len(raw)} bytes, the manifest says {ref.bytes}")
+        if xxhash.xxh3_64_intdigest(raw) != ref.xxh3:
+            raise _corrupt(where, "checksum mismatch")
+        return raw
+
+    # ----------------------------------------------------------------------------------------------- writing
+
+    def append(self, layer: int, records: np.ndarray) -> None:
+        """Append records (uint8 [n, n_kv_heads, record_bytes]) for the next n tokens of one layer.
+
+        Visible to records()/signatures() at once; durable only after commit(). On a disk error the archive rolls
+        back to its last commit (n_tokens == committed_tokens) and raises IKVError.
+        """
+        self._check_writable()
+        lay = self._layer(layer)
+        h, rb = self.layout.n_kv_heads, self.layout.record_bytes
+        if not isinstance(records, np.ndarray) or records.dtype != np.uint8 or records.ndim != 3 or records.shape[1:] != (h, rb):
+            got = f"{records.dtype} {records.shape}" if isinstance(records, np.ndarray) else type(records).__name__
+            raise ValueError(f"records must be uint8 [n, {h}, {rb}], got {got}")
+        records = np.ascontiguousarray(records)
+        k, at = records.shape[0], lay.n
+        if k == 0:
+            return
+        if self.mode == "ram":
+            lay.ram = _grown(lay.ram, at + k, at)
+            lay.ram[at : at + k] = records
+        else:
+            try:
+                self._reserve(lay, at + k)
+                _pwrite_all(lay.fd, records, HEADER_BYTES + at * self.layout.token_bytes)
+            except OSError as err:
+                self._rollback()
+                raise self._rolled_back(err, f"appending to archive {self.path} (layer {layer})") from None
+            lay.hash(records, at, self.block_tokens)
+            lay.dirty = True
+        lay.index(records, at, self.layout.head_dim)
+        lay.n = at + k
+        lay.high = max(lay.high, lay.n)
+
+    def _reserve(self, lay: _Layer, need: int) -> None:
+        """Grow the shard file (sparse) so `need` tokens fit; amortised, so the memory map is rarely redone."""
+        if need <= lay.capacity:
+            return
+        tb = self.layout.token_bytes
+        step = min(max(lay.capacity * tb, _GROW_MIN_BYTES), _GROW_MAX_BYTES) // tb
+        capacity = max(need, lay.capacity + max(step, 1))
+        os.ftruncate(lay.fd, HEADER_BYTES + capacity * tb)
+        lay.capacity = capacity
+
+    def commit(self, state_arrays: dict[str, np.ndarray], state_meta: dict) -> None:
+        """Make everything appended so far, plus the engine's state, the archive's last consistent point, atomically.
+
+        Cost: fsync of each shard appended to, one write + fsync of the whole state file (its size), one manifest
+        write (16 bytes per block per layer) + rename + directory fsync.
+        """
+        self._check_writable()
+        counts = {lay.n for lay in self._layers}
+        if len(counts) != 1:
+            per_layer = ", ".join(f"layer {i}: {lay.n}" for i, lay in enumerate(self._layers) if lay.n != self.n_tokens)
+            raise ValueError(f"commit needs every layer at the same token count; min is {self.n_tokens}, {per_layer}")
+        (n,) = counts
+        if not isinstance(state_arrays, dict) or not all(isinstance(k, str) for k in state_arrays):
+            raise ValueError("state_arrays must be a dict of str -> numpy array")
+        for name, arr in state_arrays.items():
+            if not isinstance(arr, np.ndarray):
+                raise ValueError(f"state_arrays[{name!r}] is a {type(arr).__name__}, not a numpy array")
+        if not isinstance(state_meta, dict):
+            raise ValueError("state_meta must be a dict")
+        meta_json = _json_or_raise(state_meta, "state_meta")
+        if self.mode == "ram":
+            self._ram_state = ({k: v.copy() for k, v in state_arrays.items()}, json.loads(meta_json))
+            self.committed_tokens, self.generation = n, self.generation + 1
+            return
+        arrays = {k: np.ascontiguousarray(v, v.dtype.newbyteorder("<") if v.dtype.byteorder == ">" else None)
+                  for k, v in state_arrays.items()}
+        try:
+            blob = st_save(arrays, metadata={_STATE_META_KEY: meta_json, "ikv_archive_uuid": self.archive_uuid})
+        except Exception as err:
+            raise ValueError(f"state_arrays cannot be stored with safetensors: {err}") from None
+        generation = self.generation + 1
+        state = _StateRef(state_name(generation), len(blob), xxhash.xxh3_64_intdigest(blob))
+        state_file = self.path / state.file
+        raw = _manifest_bytes(self._manifest(committed=n, generation=generation, state=state))
+        tmp = self.path / (MANIFEST_NAME + ".tmp")
+        try:  # the order is the durability argument: records, then state, then the manifest that names them
+            for lay in self._layers:
+                if lay.dirty:
+                    _fdatasync(lay.fd)
+            _write_file_durably(state_file, blob)
+            _write_file_durably(tmp, raw)
+            os.replace(tmp, self.path / MANIFEST_NAME)
+        except OSError as err:
+            _remove_quietly(tmp)
+            _remove_quietly(state_file)
+            self._rollback()
+            raise self._rolled_back(err, f"committing archive {self.path}") from None
+        old_state, old_fd = self._state, self._state_fd
+        self._state_fd = os.open(state_file, os.O_RDONLY)
+        self._state, self.committed_tokens, self.generation, self._manifest_raw = state, n, generation, raw
+        for lay in self._layers:
+            lay.dirty = False
+            lay.save()
+        if old_fd >= 0:
+            os.close(old_fd)
+        if old_state is not None:
+            _remove_quietly(self.path / old_state.file)
+        try:
+            _fsync_dir(self.path)
+        except OSError as err:
+            raise IKVError(f"{_io_error(err, f'committing archive {self.path}')} (the commit of {n:,} tokens is "
+                           "in place but may not survive a power loss)") from None
+
+    def _manifest(self, *, committed: int, generation: int, state: _StateRef | None) -> _Manifest:
+        return _Manifest(self.archive_uuid, self.model_fingerprint, self.layout, self.block_tokens, self.meta,
+                         generation, committed, [lay.block_sums(self.block_tokens) for lay in self._layers], state)
+
+    def _write_manifest(self, m: _Manifest) -> bytes:
+        """Atomically replace MANIFEST: write a temp file, fsync it, rename it over, fsync the directory."""
+        raw = _manifest_bytes(m)
+        tmp = self.path / (MANIFEST_NAME + ".tmp")
+        _write_file_durably(tmp, raw)
+        os.replace(tmp, self.path / MANIFEST_NAME)
+        _fsync_dir(self.path)
+        return raw
+
+    def _rollback(self) -> None:
+        """Back to the last commit in memory; the file bytes past it are garbage that later appends overwrite."""
+        for lay in self._layers:
+            lay.rollback()
+
+    def _rolled_back(self, err: OSError, doing: str) -> IKVError:
+        base = str(_io_error(err, doing))
+        return IKVError(f"{base} (the archive is back at its last commit, {self.committed_tokens:,} tokens)")
+
+    # ----------------------------------------------------------------------------------------------- plumbing
+
+    def _layer(self, layer: int) -> _Layer:
+        self._check_open()
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.layout.n_layers:
+            raise ValueError(f"layer must be in [0, {self.layout.n_layers}), got {layer!r}")
+        return self._layers[layer]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("archive is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise ValueError("archive was opened read-only")
+
+    def _close_fds(self) -> None:
+        for lay in self._layers:
+            if lay.fd >= 0:
+                os.close(lay.fd)
+                lay.fd = -1
+            lay.view = None
+        for name in ("_state_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def close(self) -> None:
+        """Release files and the writer lock. Uncommitted appends stay in the files until the next open drops them."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.mode == "disk" and self.writable:
+            for lay in self._layers:
+                if lay.fd >= 0:
+                    try:  # give back the sparse preallocation; views the caller holds reach at most lay.high
+                        os.ftruncate(lay.fd, HEADER_BYTES + max(lay.n, lay.high) * self.layout.token_bytes)
+                    except OSError:
+                        pass
+        self._close_fds()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.path if self.mode == "disk" else "ram"
+        return f"Archive({where}, {self.n_tokens:,} tokens, {self.committed_tokens:,} committed, {self.layout})"
+
+
+class _Superseded(Exception):
+    """A read-only open raced a commit; read the new manifest."""
+
+
+def _read_manifest_file(path: Path) -> bytes:
+    if not path.exists():
+        raise IKVError(f"archive directory {path} does not exist; check the path, or create an archive there first")
+    if not path.is_dir():
+        raise IKVError(f"{path} is not a directory; an archive is a directory (with a MANIFEST file)")
+    try:
+        with open(path / MANIFEST_NAME, "rb") as f:
+            raw = f.read(_MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        if not any(os.scandir(path)):
+            raise IKVError(f"{path} is empty, not an archive; create one there first (ikv run --archive {path})") from None
+        raise IKVError(
+            f"{path} is not an InfiniteKV archive (no {MANIFEST_NAME}); check the path, or choose an empty directory"
+        ) from None
+    except OSError as err:
+        raise _io_error(err, f"reading {path / MANIFEST_NAME}") from None
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise _corrupt(f"manifest {path / MANIFEST_NAME}", "larger than any manifest this version writes")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+
+def inspect_archive(path) -> dict:
+    """What an archive holds, read-only; verifies every checksum (a failure is reported in "integrity")."""
+    path = Path(path)
+    raw = _read_manifest_file(path)
+    m = _parse_manifest(raw, f"manifest {path / MANIFEST_NAME}")
+    layout, n = m.layout, m.committed_tokens
+    files = {e.name: e.stat().st_size for e in sorted(os.scandir(path), key=lambda e: e.name) if e.is_file()}
+    integrity, recovered = "ok", None
+    try:
+        with Archive.open(path, writable=False) as arc:
+            recovered = arc.recovered
+            n, state = arc.committed_tokens, arc._state
+    except IKVError as err:
+        integrity, state = str(err), m.state
+    return {
+        "path": str(path),
+        "format_version": FORMAT_VERSION,
+        "archive_uuid": m.archive_uuid,
+        "model_fingerprint": m.model_fingerprint,
+        "layout": {"n_layers": layout.n_layers, "n_kv_heads": layout.n_kv_heads, "head_dim": layout.head_dim,
+                   "record_bytes": layout.record_bytes},
+        "block_tokens": m.block_tokens,
+        "committed_tokens": n,
+        "commits": m.generation,
+        "meta": m.meta,
+        "bytes_per_token": layout.n_layers * layout.token_bytes,
+        "tiers": {
+            "cold_records": n * layout.n_layers * layout.token_bytes,
+            "hot_state": state.bytes if state else 0,
+            "signature_index_ram": n * layout.n_layers * layout.n_kv_heads * (layout.head_dim // 8 + 4),
+        },
+        "files": files,
+        "integrity": integrity,
+        "recovered": recovered,
+    }
+
+
+class _FdReader:
+    """A file-like over [start, start + length) of an fd, for tarfile to copy from."""
+
+    def __init__(self, fd: int, length: int, start: int = 0):
+        self.fd, self.pos, self.end = fd, start, start + length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.end - self.pos if size < 0 else min(size, self.end - self.pos)
+        data = os.pread(self.fd, size, self.pos)
+        self.pos += len(data)
+        return data
+
+
+def _xxh3_fd(fd: int, length: int, start: int = 0) -> int:
+    hasher, reader = xxhash.xxh3_64(), _FdReader(fd, length, start)
+    while chunk := reader.read(8 << 20):
+        hasher.update(chunk)
+    return hasher.intdigest()
+
+
+def pack(src_dir, dst_file) -> dict:
+    """Write an archive's committed data as one zstd-compressed tar (readable with `tar --zstd`) with its own checksums.
+
+    Members: IKVPACK.json (pack version, each file's size and xxh3), MANIFEST, the shards cut at the committed point,
+    the state file. The source is fully verified first.
+    """
+    dst = Path(dst_file)
+    if dst.exists():
+        raise IKVError(f"{dst} already exists; choose a new file name or remove it")
+    with Archive.open(src_dir, writable=False) as arc:
+        tb, n = arc.layout.token_bytes, arc.committed_tokens
+        sources = [(MANIFEST_NAME, None, len(arc._manifest_raw))]  # (name, fd, bytes); fd None: manifest bytes
+        sources += [(shard_name(i), lay.fd, HEADER_BYTES + n * tb) for i, lay in enumerate(arc._layers)]
+        if arc._state is not None:
+            sources.append((arc._state.file, arc._state_fd, arc._state.bytes))
+        index = {"pack_version": PACK_VERSION, "format_version": FORMAT_VERSION, "committed_tokens": n, "files": [
+            {"name": name, "bytes": size,
+             "xxh3": f"{xxhash.xxh3_64_intdigest(arc._manifest_raw) if fd is None else _xxh3_fd(fd, size):016x}"}
+            for name, fd, size in sources
+        ]}
+        tmp = dst.with_name(dst.name + ".partial")
+        try:
+            with open(tmp, "wb") as f:
+                with zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(f, closefd=False) as zf:
+                    with tarfile.open(fileobj=zf, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                        _tar_add(tar, PACK_INDEX_NAME, json.dumps(index, indent=1).encode())
+                        for name, fd, size in sources:
+                            if fd is None:
+                                _tar_add(tar, name, arc._manifest_raw)
+                            else:
+                                info = tarfile.TarInfo(name)
+                                info.size, info.mode = size, 0o644
+                                tar.addfile(info, _FdReader(fd, size))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        except OSError as err:
+            _remove_quietly(tmp)
+            raise _io_error(err, f"writing pack {dst}") from None
+    size_in = sum(size for _, _, size in sources)
+    size_out = dst.stat().st_size
+    return {"committed_tokens": n, "files": len(sources), "bytes": size_in, "packed_bytes": size_out,
+            "ratio": size_in / max(size_out, 1)}
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, _BytesReader(data))
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self.data) - self.pos if size < 0 else size
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += len(chunk)
+        return chunk
+
+
+_PACK_NAME_RE = re.compile(rf"{MANIFEST_NAME}|layer-\d{{3,}}\.ikv|{_STATE_RE.pattern}")
+
+
+def unpack(src_file, dst_dir) -> dict:
+    """Restore a pack into a new or empty directory, verifying the pack's checksums and then the archive's own.
+
+    On any failure nothing is left behind in dst_dir.
+    """
+    src, dst = Path(src_file), Path(dst_dir)
+    if not src.is_file():
+        raise IKVError(f"pack {src} does not exist or is not a file; check the path")
+    if dst.exists() and (not dst.is_dir() or any(os.scandir(dst))):
+        raise IKVError(f"{dst} exists and is not an empty directory; unpack into a new or empty directory")
+    made_dir = not dst.exists()
+    written: list[Path] = []
+    where = f"pack {src}"
+    try:
+        if made_dir:
+            os.makedirs(dst)
+        with open(src, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, closefd=False) as zf:
+            with tarfile.open(fileobj=zf, mode="r|") as tar:
+                expected = None
+                for member in tar:
+                    if expected is None:
+                        expected = _pack_index(tar, member, where)
+                        continue
+                    if not expected:
+                        raise _corrupt(where, f"unexpected member {member.name!r}")
+                    name, size, checksum = expected.pop(0)
+                    if member.name != name or not member.isfile() or member.size != size:
+                        raise _corrupt(where, f"member {member.name!r} does not match its index entry {name!r}")
+                    out = dst / name
+                    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    written.append(out)
+                    hasher, offset, source = xxhash.xxh3_64(), 0, tar.extractfile(member)
+                    try:
+                        while chunk := source.read(8 << 20):
+                            hasher.update(chunk)
+                            _pwrite_all(fd, chunk, offset)
+                            offset += len(chunk)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    if offset != size or hasher.intdigest() != checksum:
+                        raise _corrupt(where, f"checksum mismatch in {name}")
+                if expected is None or expected:
+                    raise _corrupt(where, "truncated: members are missing")
+        _fsync_dir(dst)
+        with Archive.open(dst, writable=False) as arc:  # the archive's own header, block and state checksums
+            info = {"committed_tokens": arc.committed_tokens, "files": len(written),
+                    "bytes": sum(p.stat().st_size for p in written)}
+    except BaseException as err:
+        for path in written:
+            _remove_quietly(path)
+        if made_dir:
+            try:
+                os.rmdir(dst)
+            except OSError:
+                pass
+        if isinstance(err, IKVError):
+            raise
+        if isinstance(err, OSError) and not isinstance(err, (tarfile.TarError, zstandard.ZstdError)):
+            raise _io_error(err, f"unpacking {src} into {dst}") from None
+        if isinstance(err, (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError)):
+            raise _corrupt(where, f"{type(err).__name__}: {err}") from None
+        raise
+    return info
+
+
+def _pack_index(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> list:
+    if member.name != PACK_INDEX_NAME or not member.isfile() or member.size > 64 << 20:
+        raise _corrupt(where, f"first member is {member.name!r}, not {PACK_INDEX_NAME}")
+    try:
+        index = json.loads(tar.extractfile(member).read())
+        if index["pack_version"] > PACK_VERSION:
+            raise IKVError(f"{where} has pack version {index['pack_version']} but this InfiniteKV reads "
+                           f"{PACK_VERSION} or older; upgrade infinitekv")
+        entries = [(e["name"], e["bytes"], int(e["xxh3"], 16)) for e in index["files"]]
+    except IKVError:
+        raise
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise _corrupt(where, f"unreadable {PACK_INDEX_NAME}: {err}") from None
+    names = [name for name, _, _ in entries]
+    if (
+        not all(isinstance(n, str) and _PACK_NAME_RE.fullmatch(n) for n in names)
+        or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for _, size, _ in entries)
+        or len(set(names)) != len(names)
+        or MANIFEST_NAME not in names
+    ):
+        raise _corrupt(where, f"{PACK_INDEX_NAME} lists unexpected files")
+    return entries
