@@ -142,7 +142,7 @@ def run(
         inputs["question"] = receipts.text_input(question)
     decode_ms = 1000 * counters.decode_seconds / max(counters.decode_steps, 1)
     record = receipts.build_receipt(
-        command=["ikv", "run", *sys.argv[2:]] if sys.argv[1:2] == ["run"] else ["ikv", "run"],
+        command=receipts.command_line(),
         config={**asdict(config), "mode": mode, "resume": resume, "seed": seed, "temperature": temperature,
                 "top_p": top_p, "max_new_tokens": max_new_tokens},
         model={"source": model, "weights_sha256": loaded.weights_sha256},
@@ -171,4 +171,5 @@ def main() -> None:
     try:
         app()
     except IKVError as err:
-        fail(str(err))
+        print(f"ikv: error: {err}", file=sys.stderr)
+        sys.exit(2)

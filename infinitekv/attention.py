@@ -1,0 +1,201 @@
+"""Retrieval attention: one layer's attention over sinks + retrieved cold tokens + hot window + the current chunk.
+
+Read top to bottom, for one decoder layer and one chunk of C new tokens (C = 1 while decoding):
+
+1. project the chunk to queries, keys and values; keys stay pre-RoPE everywhere we keep them;
+2. split the chunk into selection blocks of `select_block` queries; for each block and kv-head, scan the cold tier's
+   signatures with the block's mean query (first stage, `search.search_many`), then rerank that shortlist with the
+   dequantised keys against every query of the block (max over the block of the GQA-summed q.(k - mu)) and keep the
+   `top_k_cold` best, in their original order;
+3. lay the attended tokens out at compact positions - sinks 0..s-1, retrieved s..s+r-1, window next, chunk last -
+   and apply RoPE there, so no relative distance exceeds the trained window; with nothing cold this is exactly the
+   original positions;
+4. one scaled-dot-product attention call per layer; a mask lets each block see only its own retrieved tokens;
+5. move the chunk into the hot tier and evict the oldest window tokens beyond `hot_window + evict_batch - 1` into
+   the cold tier as records (`codec.encode_records`).
+
+Cost per chunk is O(cold tokens) for the scan plus O(C * (sinks + blocks * top_k + window + C)) for attention, so
+prefill grows about linearly with length instead of quadratically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from infinitekv import codec, search
+
+
+@dataclass
+class RetrievalConfig:
+    sinks: int = 4  # first tokens of the sequence, always attended (attention sinks)
+    hot_window: int = 1024  # most recent tokens kept exact
+    top_k_cold: int = 64  # cold tokens retrieved per kv-head per selection block; 0 disables retrieval
+    shortlist: int = 1024  # first-stage candidates per kv-head, reranked with dequantised keys
+    select_block: int = 32  # queries sharing one retrieval during prefill (decode: every token retrieves)
+    chunk_size: int = 512  # prefill chunk
+    evict_batch: int = 64  # the window may overshoot by this much before a batch moves to the cold tier
+    search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
+    search_backend: str = "auto"
+    rotation_seed: int = 0
+
+    def max_compact_position(self) -> int:
+        """The largest position RoPE ever sees; must fit the model's trained window."""
+        return self.sinks + self.top_k_cold + self.hot_window + self.evict_batch + self.chunk_size
+
+
+@dataclass
+class LayerMemory:
+    """The hot tier of one layer, pre-RoPE. Cold tokens live in the archive; cold token i is position sinks + i."""
+
+    sink_k: torch.Tensor  # [Hk, s, D]
+    sink_v: torch.Tensor
+    window_k: torch.Tensor  # [Hk, w, D]
+    window_v: torch.Tensor
+    key_mean: np.ndarray | None = None  # [Hk, D] float32, fixed at the first eviction (the signature centre mu)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [H, T, D]; cos, sin: [T, D]
+    return x * cos + rotate_half(x) * sin
+
+
+def project_chunk(attn: torch.nn.Module, hidden: torch.Tensor):
+    """hidden [1, C, hidden] -> q [Hq, C, D], k [Hk, C, D], v [Hk, C, D], all pre-RoPE (Qwen3's q/k norms applied)."""
+    length = hidden.shape[1]
+    d = attn.head_dim
+    q = attn.q_proj(hidden).view(length, -1, d)
+    k = attn.k_proj(hidden).view(length, -1, d)
+    v = attn.v_proj(hidden).view(length, -1, d)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+        k = attn.k_norm(k)
+    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+
+def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+def retrieve_cold(archive, layer: int, memory: LayerMemory, q_summed: np.ndarray, blocks, config: RetrievalConfig,
+                  rotation: np.ndarray):
+    """Pick each block's cold tokens for every kv-head and dequantise them.
+
+    q_summed: [Hk, C, D] float32 pre-RoPE queries summed over each GQA group. Returns keys and values
+    [n_blocks, Hk, r, D] (pre-RoPE) and token ids [n_blocks, Hk, r], r = min(top_k_cold, cold tokens).
+    """
+    retrieved = min(config.top_k_cold, len(archive.signatures(layer)))
+    head_dim = q_summed.shape[-1]
+    q_rotated = q_summed @ rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
+    block_means = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
+    _, shortlist = search.search_many(
+        archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
+        mode=config.search_mode, backend=config.search_backend,
+    )  # [n_blocks, Hk, L]
+    n_heads = q_summed.shape[0]
+    heads = np.arange(n_heads)[None, :, None]
+    records = archive.records(layer)[shortlist, heads]  # [n_blocks, Hk, L, record_bytes]
+    keys_rotated = codec.decode_keys_rotated(records, head_dim)  # [n_blocks, Hk, L, D]
+    rerank = np.empty(shortlist.shape, dtype=np.float32)
+    for index, (a, b) in enumerate(blocks):
+        # max over the block's queries: a token any one query needs is kept
+        rerank[index] = np.einsum("hcd,hld->hcl", q_rotated[:, a:b], keys_rotated[index]).max(axis=1)
+    # best score first, ties to the lower token id (equal tokens have equal pre-RoPE keys at layer 0)
+    order = np.lexsort((shortlist, -rerank), axis=-1)[..., :retrieved]
+    chosen_ids = np.take_along_axis(shortlist, order, axis=-1)
+    by_position = np.argsort(chosen_ids, axis=-1, kind="stable")
+    order = np.take_along_axis(order, by_position, axis=-1)
+    chosen_ids = np.take_along_axis(chosen_ids, by_position, axis=-1)
+    chosen_keys = np.take_along_axis(keys_rotated, order[..., None], axis=2) @ rotation + memory.key_mean[None, :, None]
+    chosen_values = codec.decode_values(np.take_along_axis(records, order[..., None], axis=2), head_dim)
+    return chosen_keys, chosen_values, chosen_ids
+
+
+def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: LayerMemory, archive,
+                        config: RetrievalConfig, rope: tuple[torch.Tensor, torch.Tensor],
+                        rotation: np.ndarray, counters: dict) -> torch.Tensor:
+    """The patched attention forward for one layer. hidden: [1, C, hidden] -> [1, C, hidden]."""
+    layer = attn.layer_idx
+    q, k, v = project_chunk(attn, hidden)  # [Hq, C, D], [Hk, C, D], [Hk, C, D]
+    n_q_heads, length, head_dim = q.shape
+    n_kv_heads = k.shape[0]
+    dtype, device = q.dtype, q.device
+    s = memory.sink_k.shape[1]
+    w = memory.window_k.shape[1]
+
+    blocks = select_blocks(length, config.select_block if length > 1 else 1)
+    retrieved = min(config.top_k_cold, len(archive.signatures(layer))) if config.top_k_cold > 0 else 0
+    context_k = [memory.sink_k]
+    context_v = [memory.sink_v]
+    positions = [torch.arange(s)]
+    if retrieved:
+        q_summed = q.detach().float().view(n_kv_heads, -1, length, head_dim).sum(1).cpu().numpy()
+        keys, values, _ = retrieve_cold(archive, layer, memory, q_summed, blocks, config, rotation)
+        # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]: every block's tokens sit at the same compact positions
+        context_k.append(torch.from_numpy(keys).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
+        context_v.append(torch.from_numpy(values).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
+        positions.append(torch.arange(s, s + retrieved).repeat(len(blocks)))
+        counters["retrieved_tokens"] = counters.get("retrieved_tokens", 0) + retrieved * len(blocks) * n_kv_heads
+    first_chunk_position = s + retrieved + w
+    context_k += [memory.window_k, k]
+    context_v += [memory.window_v, v]
+    positions += [torch.arange(s + retrieved, first_chunk_position),
+                  torch.arange(first_chunk_position, first_chunk_position + length)]
+    key_positions = torch.cat(positions).to(device)
+    cos, sin = rope
+    keys = apply_rope(torch.cat(context_k, dim=1), cos[key_positions], sin[key_positions])
+    values = torch.cat(context_v, dim=1)
+    query_positions = key_positions[-length:]
+    queries = apply_rope(q, cos[query_positions], sin[query_positions])
+
+    mask = None
+    if length > 1:
+        mask = torch.ones(length, keys.shape[1], dtype=torch.bool, device=device)
+        if retrieved:
+            mask[:, s : s + retrieved * len(blocks)] = False
+            for index, (a, b) in enumerate(blocks):
+                start = s + index * retrieved
+                mask[a:b, start : start + retrieved] = True
+        mask[:, -length:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    out = F.scaled_dot_product_attention(
+        queries[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
+        enable_gqa=n_q_heads != n_kv_heads,
+    )  # [1, Hq, C, D]
+    update_hot_tier(memory, k, v, archive, layer, config, rotation)
+    return attn.o_proj(out.transpose(1, 2).reshape(1, length, n_q_heads * head_dim))
+
+
+def update_hot_tier(memory: LayerMemory, k: torch.Tensor, v: torch.Tensor, archive, layer: int,
+                    config: RetrievalConfig, rotation: np.ndarray) -> None:
+    """Append the chunk to the hot tier; spill the oldest window tokens to the cold tier in batches."""
+    missing_sinks = max(0, config.sinks - memory.sink_k.shape[1])
+    if missing_sinks:
+        memory.sink_k = torch.cat([memory.sink_k, k[:, :missing_sinks]], dim=1)
+        memory.sink_v = torch.cat([memory.sink_v, v[:, :missing_sinks]], dim=1)
+        k, v = k[:, missing_sinks:], v[:, missing_sinks:]
+    memory.window_k = torch.cat([memory.window_k, k], dim=1)
+    memory.window_v = torch.cat([memory.window_v, v], dim=1)
+    w = memory.window_k.shape[1]
+    if w < config.hot_window + config.evict_batch:
+        return
+    spill = w - config.hot_window
+    spilled_k = memory.window_k[:, :spill].float().cpu().numpy().transpose(1, 0, 2)  # [n, Hk, D]
+    spilled_v = memory.window_v[:, :spill].float().cpu().numpy().transpose(1, 0, 2)
+    if memory.key_mean is None:
+        # centre of this layer's signatures: the mean pre-RoPE key of the first window we spill from (sinks are
+        # outliers by design, so they are left out); any fixed centre keeps q.(k - mu) rank-equal to q.k
+        memory.key_mean = memory.window_k.float().mean(dim=1).cpu().numpy()
+    n, n_heads, head_dim = spilled_k.shape
+    centred_rotated = (spilled_k - memory.key_mean[None]) @ rotation.T
+    records = codec.encode_records(centred_rotated.reshape(n * n_heads, head_dim), spilled_v.reshape(n * n_heads, head_dim))
+    archive.append(layer, records.reshape(n, n_heads, -1))
+    memory.window_k = memory.window_k[:, spill:].contiguous()
+    memory.window_v = memory.window_v[:, spill:].contiguous()
