@@ -89,7 +89,7 @@ class Layout:
                 raise ValueError(f"Layout.{name} must be a positive integer, got {value!r}")
         expected = codec.record_bytes(self.head_dim)
         if self.record_bytes != expected:
-            raise ValueError(f"Layout.record_bytes is {self.record_bytes} but head_dim {self.head_dim} needs {expected}")
+            raise ValueError(f"Layout.record_bytes is {self.record_bytes}; head_dim {self.head_dim} needs {expected}")
 
     @property
     def token_bytes(self) -> int:
@@ -120,8 +120,12 @@ class _Manifest:
 # ---------------------------------------------------------------------------------------------------- parsing
 
 
-def _corrupt(where: str, what: str) -> IKVError:
-    return IKVError(f"{where} is corrupted ({what}); restore the archive from a backup or a pack")
+_RESTORE = "restore the archive from a backup or a pack"
+_REPACK = "copy the pack again, or pack the archive again (ikv archive pack)"
+
+
+def _corrupt(where: str, what: str, fix: str = _RESTORE) -> IKVError:
+    return IKVError(f"{where} is corrupted ({what}); {fix}")
 
 
 def _newer(where: str, version: int) -> IKVError:
@@ -528,7 +532,10 @@ class Archive:
         created = []
         try:
             arc._lock_fd = _acquire_lock(path)
-            cls._check_empty_dir(path, allow=(LOCK_NAME,))  # re-check now that we hold the lock
+            cls._check_empty_dir(path)  # again, now that we hold the lock
+            for entry in os.scandir(path):  # what a create killed midway left behind (only our own file names)
+                if entry.name != LOCK_NAME:
+                    _remove_quietly(Path(entry.path))
             for layer in range(layout.n_layers):
                 file = path / shard_name(layer)
                 fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -538,10 +545,12 @@ class Archive:
                 os.fsync(fd)
             arc._write_manifest(arc._manifest(committed=0, generation=0, state=None))
         except BaseException as err:
+            locked = arc._lock_fd >= 0
             arc._close_fds()
             for file in created:
                 _remove_quietly(file)
-            _remove_quietly(path / LOCK_NAME)
+            if locked:  # never another creator's lock file
+                _remove_quietly(path / LOCK_NAME)
             if made_dir:
                 try:
                     os.rmdir(path)
@@ -553,12 +562,12 @@ class Archive:
         return arc
 
     @staticmethod
-    def _check_empty_dir(path: Path, allow=()) -> None:
+    def _check_empty_dir(path: Path) -> None:
         if not path.is_dir():
             raise IKVError(f"{path} exists and is not a directory; choose a new or empty directory for the archive")
         if (path / MANIFEST_NAME).exists():
             raise IKVError(f"{path} already holds an archive; open it (ikv run --resume) or choose a new directory")
-        if any(entry.name not in allow for entry in os.scandir(path)):
+        if not _interrupted_create(path) and any(os.scandir(path)):
             raise IKVError(f"{path} is not empty; choose a new or empty directory for the archive")
 
     @classmethod
@@ -780,7 +789,8 @@ class Archive:
         self._check_writable()
         lay = self._layer(layer)
         h, rb = self.layout.n_kv_heads, self.layout.record_bytes
-        if not isinstance(records, np.ndarray) or records.dtype != np.uint8 or records.ndim != 3 or records.shape[1:] != (h, rb):
+        ok = isinstance(records, np.ndarray) and records.dtype == np.uint8 and records.shape[1:] == (h, rb)
+        if not ok or records.ndim != 3:
             got = f"{records.dtype} {records.shape}" if isinstance(records, np.ndarray) else type(records).__name__
             raise ValueError(f"records must be uint8 [n, {h}, {rb}], got {got}")
         records = np.ascontiguousarray(records)
@@ -838,7 +848,7 @@ class Archive:
             self.committed_tokens, self.generation = n, self.generation + 1
             return
         arrays = {k: np.ascontiguousarray(v, v.dtype.newbyteorder("<") if v.dtype.byteorder == ">" else None)
-                  for k, v in state_arrays.items()}
+                  .reshape(v.shape) for k, v in state_arrays.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
         try:
             blob = st_save(arrays, metadata={_STATE_META_KEY: meta_json, "ikv_archive_uuid": self.archive_uuid})
         except Exception as err:
@@ -956,6 +966,15 @@ class _Superseded(Exception):
     """A read-only open raced a commit; read the new manifest."""
 
 
+_OWN_FILE_RE = re.compile(rf"{LOCK_NAME}|{MANIFEST_NAME}\.tmp|layer-\d{{3,}}\.ikv|{_STATE_RE.pattern}")
+
+
+def _interrupted_create(path: Path) -> bool:
+    """A directory with no MANIFEST and nothing but files an archive writes: a create that was killed midway."""
+    names = [entry.name for entry in os.scandir(path)]
+    return bool(names) and MANIFEST_NAME not in names and all(_OWN_FILE_RE.fullmatch(name) for name in names)
+
+
 def _read_manifest_file(path: Path) -> bytes:
     if not path.exists():
         raise IKVError(f"archive directory {path} does not exist; check the path, or create an archive there first")
@@ -966,7 +985,11 @@ def _read_manifest_file(path: Path) -> bytes:
             raw = f.read(_MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         if not any(os.scandir(path)):
-            raise IKVError(f"{path} is empty, not an archive; create one there first (ikv run --archive {path})") from None
+            raise IKVError(f"{path} is empty, not an archive; create one there first (ikv run --archive {path})") \
+                from None
+        if _interrupted_create(path):
+            raise IKVError(f"{path} holds an archive whose creation was interrupted (no {MANIFEST_NAME}, nothing "
+                           "committed); create it again") from None
         raise IKVError(
             f"{path} is not an InfiniteKV archive (no {MANIFEST_NAME}); check the path, or choose an empty directory"
         ) from None
@@ -1118,7 +1141,8 @@ def unpack(src_file, dst_dir) -> dict:
     try:
         if made_dir:
             os.makedirs(dst)
-        with open(src, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, closefd=False) as zf:
+        with open(src, "rb") as f:
+            zf = _ZstdReader(f)
             with tarfile.open(fileobj=zf, mode="r|") as tar:
                 expected = None
                 for member in tar:
@@ -1126,10 +1150,10 @@ def unpack(src_file, dst_dir) -> dict:
                         expected = _pack_index(tar, member, where)
                         continue
                     if not expected:
-                        raise _corrupt(where, f"unexpected member {member.name!r}")
+                        raise _corrupt(where, f"unexpected member {member.name!r}", _REPACK)
                     name, size, checksum = expected.pop(0)
                     if member.name != name or not member.isfile() or member.size != size:
-                        raise _corrupt(where, f"member {member.name!r} does not match its index entry {name!r}")
+                        raise _corrupt(where, f"member {member.name!r} does not match the index ({name!r})", _REPACK)
                     out = dst / name
                     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                     written.append(out)
@@ -1143,13 +1167,17 @@ def unpack(src_file, dst_dir) -> dict:
                     finally:
                         os.close(fd)
                     if offset != size or hasher.intdigest() != checksum:
-                        raise _corrupt(where, f"checksum mismatch in {name}")
+                        raise _corrupt(where, f"checksum mismatch in {name}", _REPACK)
                 if expected is None or expected:
-                    raise _corrupt(where, "truncated: members are missing")
+                    raise _corrupt(where, "truncated: members are missing", _REPACK)
+            zf.finish(where)
         _fsync_dir(dst)
-        with Archive.open(dst, writable=False) as arc:  # the archive's own header, block and state checksums
-            info = {"committed_tokens": arc.committed_tokens, "files": len(written),
-                    "bytes": sum(p.stat().st_size for p in written)}
+        try:
+            with Archive.open(dst, writable=False) as arc:  # the archive's own header, block and state checksums
+                info = {"committed_tokens": arc.committed_tokens, "files": len(written),
+                        "bytes": sum(p.stat().st_size for p in written)}
+        except IKVError as err:
+            raise _corrupt(where, f"what it holds does not verify: {err}", _REPACK) from None
     except BaseException as err:
         for path in written:
             _remove_quietly(path)
@@ -1163,14 +1191,39 @@ def unpack(src_file, dst_dir) -> dict:
         if isinstance(err, OSError) and not isinstance(err, (tarfile.TarError, zstandard.ZstdError)):
             raise _io_error(err, f"unpacking {src} into {dst}") from None
         if isinstance(err, (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError)):
-            raise _corrupt(where, f"{type(err).__name__}: {err}") from None
+            raise _corrupt(where, f"{type(err).__name__}: {err}", _REPACK) from None
         raise
     return info
 
 
+class _ZstdReader:
+    """A file-like over a zstd stream that can tell (finish) whether the frame really ended, checksum included."""
+
+    def __init__(self, f):
+        self.f, self.dobj, self.buf = f, zstandard.ZstdDecompressor().decompressobj(), bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        while (size < 0 or len(self.buf) < size) and not self.dobj.eof:
+            chunk = self.f.read(1 << 20)
+            if not chunk:
+                break
+            self.buf += self.dobj.decompress(chunk)
+        size = len(self.buf) if size < 0 else min(size, len(self.buf))
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+    def finish(self, where: str) -> None:
+        self.read()
+        if not self.dobj.eof:
+            raise _corrupt(where, "truncated: the zstd stream ends early", _REPACK)
+        if self.dobj.unused_data or self.f.read(1):
+            raise _corrupt(where, "unexpected bytes after the zstd stream", _REPACK)
+
+
 def _pack_index(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> list:
     if member.name != PACK_INDEX_NAME or not member.isfile() or member.size > 64 << 20:
-        raise _corrupt(where, f"first member is {member.name!r}, not {PACK_INDEX_NAME}")
+        raise _corrupt(where, f"first member is {member.name!r}, not {PACK_INDEX_NAME}", _REPACK)
     try:
         index = json.loads(tar.extractfile(member).read())
         if index["pack_version"] > PACK_VERSION:
@@ -1180,7 +1233,7 @@ def _pack_index(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> li
     except IKVError:
         raise
     except (ValueError, KeyError, TypeError, RecursionError) as err:
-        raise _corrupt(where, f"unreadable {PACK_INDEX_NAME}: {err}") from None
+        raise _corrupt(where, f"unreadable {PACK_INDEX_NAME}: {err}", _REPACK) from None
     names = [name for name, _, _ in entries]
     if (
         not all(isinstance(n, str) and _PACK_NAME_RE.fullmatch(n) for n in names)
@@ -1188,5 +1241,5 @@ def _pack_index(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> li
         or len(set(names)) != len(names)
         or MANIFEST_NAME not in names
     ):
-        raise _corrupt(where, f"{PACK_INDEX_NAME} lists unexpected files")
+        raise _corrupt(where, f"{PACK_INDEX_NAME} lists unexpected files", _REPACK)
     return entries
