@@ -1,0 +1,395 @@
+"""First stage of cold-token retrieval: scan the binary signatures, shortlist the top-k tokens per kv-head.
+
+One interface, interchangeable backends (like faiss `index.search`), all equal to the numpy reference bit for bit:
+
+    scores, ids = search(signatures, weights, queries, k)            # [H, k'], [H, k']
+    scores, ids = search_many(signatures, weights, queries_qhd, k)   # [Q, H, k'], [Q, H, k']
+
+    signatures  uint8   [N, H, B]   sign bits of the key codes, packed little-endian (codec.signatures_from_records)
+    weights     float32 [N, H]      codec.key_mean_abs; finite; unused (may be None) in hamming mode
+    queries     float32 [H, D]      D = 8B, one query per kv-head, already in the signature's rotated basis
+
+Scores, higher is better (bit = 1 means the key code is negative, its sign s = 1 - 2*bit):
+
+    "hamming":   score = -popcount(sig XOR qbits), qbits = (q < 0) packed the same way
+    "weighted":  score = float32(weights[n, h]) * float32(isum[n, h]), the default
+                 isum  = sum_d qi[h, d] * s[n, h, d]   (exact int32 arithmetic)
+                 qi    = rint(float64(q[h, d]) * 2**16 / max_d |float64(q[h, d])|)   (0 for an all-zero query)
+                 an asymmetric estimate of the dot product q . x ~ |x|_mean * (q . sign(x)): it ranks dot products
+                 rather than angles. With 2**16 steps, |isum| <= D * 2**16 <= 2**24 for D <= 256, so float32(isum)
+                 is exact.
+    In both modes a score of -0.0 becomes +0.0, so equal scores have equal bits.
+
+Order: higher score first; equal scores -> lower token index first. Rows n < exclude_before are never returned;
+k' = min(k, N - exclude_before) (0 when exclude_before >= N); ids are rows of `signatures` (int64).
+
+Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (parallel over (row, chunk of N)
+tasks, a bounded heap per task, then a heap merge per row), "faiss" (hamming only: IndexBinaryFlat per head, then a
+range search that collects every token tied with the k-th to apply the index tie-break), "cuda" (csrc/ kernel,
+JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = cuda when
+torch sees a GPU, else numba. The weighted LUTs are always built here in numpy, so every backend sums the same ints.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+MODES = ("weighted", "hamming")
+BACKENDS = ("auto", "numpy", "numba", "faiss", "cuda")
+QUERY_BITS = 16  # qi = rint(q * 2**QUERY_BITS / max|q|)
+SERIAL_CELLS = 1 << 17  # numba scans of fewer (query row, token) cells than this stay on one thread (~1 ms)
+CUDA_PASS_BYTES = 1 << 30  # scores and top-k keys held on the GPU at once
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def search(signatures, weights, queries, k: int, *, mode: str = "weighted", backend: str = "auto",
+           exclude_before: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k tokens per kv-head: (scores float32 [H, k'], ids int64 [H, k']), each row best first."""
+    queries = np.asarray(queries)
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be [H, D], got shape {queries.shape}")
+    scores, ids = search_many(signatures, weights, queries[None], k, mode=mode, backend=backend,
+                              exclude_before=exclude_before)
+    return scores[0], ids[0]
+
+
+def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted", backend: str = "auto",
+                exclude_before: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Q queries per kv-head at once (a prefill block): queries [Q, H, D] -> scores, ids [Q, H, k']."""
+    sigs, weights, queries, k_out, start = _check(signatures, weights, queries, k, mode, backend, exclude_before)
+    n_queries, n_heads, _ = queries.shape
+    if backend == "auto":
+        backend = "cuda" if _cuda_available() else "numba"
+    if k_out == 0:
+        return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
+    if backend == "numpy":
+        pairs = [_search_numpy(sigs, weights, q, k_out, mode, start) for q in queries]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    if backend == "numba":
+        scores, ids = _search_numba(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start)
+    elif backend == "faiss":
+        scores, ids = _search_faiss(sigs, queries, k_out, start)
+    else:
+        scores, ids = _search_cuda(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start)
+    return scores.reshape(n_queries, n_heads, k_out), ids.reshape(n_queries, n_heads, k_out)
+
+
+def _check(signatures, weights, queries, k, mode, backend, exclude_before):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "faiss" and mode != "hamming":
+        raise ValueError("the faiss backend supports mode='hamming' only")
+    if backend == "cuda" and not _cuda_available():
+        raise ValueError("backend='cuda' needs torch with a CUDA device; use backend='numba' on this machine")
+    sigs = np.asarray(signatures)
+    if sigs.dtype != np.uint8 or sigs.ndim != 3:
+        raise ValueError(f"signatures must be uint8 [N, H, B], got {sigs.dtype} {sigs.shape}")
+    sigs = np.ascontiguousarray(sigs)  # a no-op for archive memmaps and fresh arrays
+    n, n_heads, n_bytes = sigs.shape
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 3 or queries.shape[1:] != (n_heads, 8 * n_bytes):
+        raise ValueError(f"queries must be [Q, {n_heads}, {8 * n_bytes}] for signatures {sigs.shape}, "
+                         f"got {queries.shape}")
+    if not np.isfinite(queries).all():
+        raise ValueError("queries must be finite")
+    if mode == "weighted":
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if weights.shape != (n, n_heads):
+            raise ValueError(f"weights must be [{n}, {n_heads}], got {weights.shape}")
+    if int(k) < 0 or int(exclude_before) < 0:
+        raise ValueError(f"k and exclude_before must be >= 0, got k={k}, exclude_before={exclude_before}")
+    start = int(exclude_before)
+    return sigs, weights, queries, max(0, min(int(k), n - start)), start
+
+
+# ---------------------------------------------------------------------------------------------------- query encoding
+
+def quantise_queries(queries: np.ndarray) -> np.ndarray:
+    """float [..., D] -> int32 qi = rint(q * 2**16 / max|q|) per row (0 for an all-zero row)."""
+    q = np.asarray(queries, dtype=np.float64)
+    peak = np.abs(q).max(axis=-1, keepdims=True)
+    step = np.divide(float(2**QUERY_BITS), peak, out=np.zeros_like(peak), where=peak > 0)
+    return np.rint(q * step).astype(np.int32)
+
+
+def query_bits(queries: np.ndarray) -> np.ndarray:
+    """float [..., D] -> uint8 [..., D/8]: (q < 0) packed like the signatures."""
+    return np.packbits(np.asarray(queries) < 0, axis=-1, bitorder="little")
+
+
+_BYTE_SIGNS = 1 - 2 * ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1)  # [256, 8]: +1 bit 0, -1 bit 1
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)  # [256]
+
+
+def score_luts(queries: np.ndarray, mode: str) -> np.ndarray:
+    """float [G, D] -> int32 [G, B, 256]: isum(sig) = sum_b LUT[g, b, sig[b]] for either mode."""
+    g, d = queries.shape
+    if mode == "weighted":
+        qi = quantise_queries(queries).astype(np.int64).reshape(g, d // 8, 8)
+        return (qi @ _BYTE_SIGNS.T).astype(np.int32)
+    qbits = query_bits(queries)  # [G, B]
+    return -_POPCOUNT[qbits[:, :, None] ^ np.arange(256, dtype=np.uint8)].astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------- numpy reference
+
+def _search_numpy(sigs, weights, queries, k, mode, start):
+    # queries: [H, D] -> scores, ids [H, k]; straight from the definition, one head and one block of rows at a time
+    n, n_heads, _ = sigs.shape
+    scores = np.empty((n_heads, n - start), np.float32)
+    qi = quantise_queries(queries).astype(np.float64)  # integers < 2**17: float64 sums of them are exact
+    qbits = query_bits(queries)
+    for h in range(n_heads):
+        for lo in range(start, n, 65536):
+            hi = min(n, lo + 65536)
+            block = sigs[lo:hi, h]
+            if mode == "weighted":
+                signs = 1.0 - 2.0 * np.unpackbits(block, axis=-1, bitorder="little")
+                isum = (signs @ qi[h]).astype(np.int64)
+                s = weights[lo:hi, h] * isum.astype(np.float32)
+            else:
+                s = -np.unpackbits(block ^ qbits[h], axis=-1).sum(axis=-1).astype(np.float32)
+            scores[h, lo - start : hi - start] = s
+    scores[scores == 0] = 0.0  # -0.0 -> +0.0
+    index = np.arange(start, n, dtype=np.int64)
+    order = np.stack([np.lexsort((index, -row))[:k] for row in scores])
+    return np.take_along_axis(scores, order, axis=1), index[order]
+
+
+# ---------------------------------------------------------------------------------------------------- numba
+
+@nb.njit(inline="always")
+def _worse(s1, i1, s2, i2):
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@nb.njit(cache=True)
+def _sift_down(hs, hi, size, pos):
+    # min-heap by _worse: the worst kept entry sits at the root
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            return
+        if child + 1 < size and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if not _worse(hs[child], hi[child], hs[pos], hi[pos]):
+            return
+        hs[pos], hs[child] = hs[child], hs[pos]
+        hi[pos], hi[child] = hi[child], hi[pos]
+        pos = child
+
+
+@nb.njit(cache=True)
+def _offer(hs, hi, size, s, i):
+    # keep the best len(hs) of everything offered; returns the new size
+    if size < hs.shape[0]:
+        pos = size
+        hs[pos] = s
+        hi[pos] = i
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if not _worse(hs[pos], hi[pos], hs[parent], hi[parent]):
+                break
+            hs[pos], hs[parent] = hs[parent], hs[pos]
+            hi[pos], hi[parent] = hi[parent], hi[pos]
+            pos = parent
+        return size + 1
+    if _worse(hs[0], hi[0], s, i):
+        hs[0] = s
+        hi[0] = i
+        _sift_down(hs, hi, size, 0)
+    return size
+
+
+@intrinsic
+def _popcount64(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.uint64(types.uint64), codegen
+
+
+@nb.njit(parallel=True, cache=True)
+def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, out_s, out_i):
+    # sigs: [N, H, B] uint8; weights: [N, H] float32; luts: [G, B, 256] int32, row g scores head g % H
+    # use_words (hamming, B % 8 == 0) skips the LUT: popcount of words = sigs viewed [N, H, B/8] uint64 XOR
+    # qwords [G, B/8] uint64 (both unused dummies otherwise)
+    # out_s, out_i: [G, C, k] one heap per (row, chunk); unfilled slots keep (-inf, int64 max)
+    n, n_heads, n_bytes = sigs.shape
+    n_rows, n_chunks, k = out_s.shape
+    n_words = qwords.shape[1]
+    for task in nb.prange(n_rows * n_chunks):
+        g = task // n_chunks
+        c = task - g * n_chunks
+        h = g % n_heads
+        lut = luts[g]
+        hs = out_s[g, c]
+        hi = out_i[g, c]
+        size = 0
+        for i in range(start + c * chunk, min(n, start + (c + 1) * chunk)):
+            acc = 0
+            if use_words:
+                for j in range(n_words):
+                    acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
+            else:
+                for b in range(n_bytes):
+                    acc += lut[b, sigs[i, h, b]]
+            s = np.float32(acc)
+            if use_weights:
+                s = weights[i, h] * s
+            if s == 0:
+                s = np.float32(0.0)
+            if size == k and s <= hs[0]:  # rows arrive in index order: a tie with the root is never better
+                continue
+            size = _offer(hs, hi, size, s, i)
+
+
+@nb.njit(cache=True)
+def _merge_topk(cand_s, cand_i, out_s, out_i):
+    # cand_*: [G, M] candidates; out_*: [G, k] the best k of each row, best first
+    n_rows, m = cand_s.shape
+    for g in range(n_rows):
+        hs = out_s[g]
+        hi = out_i[g]
+        size = 0
+        for j in range(m):
+            size = _offer(hs, hi, size, cand_s[g, j], cand_i[g, j])
+        while size > 1:  # heap sort: the worst goes to the back
+            size -= 1
+            hs[0], hs[size] = hs[size], hs[0]
+            hi[0], hi[size] = hi[size], hi[0]
+            _sift_down(hs, hi, size, 0)
+
+
+def _search_numba(sigs, weights, queries, k, mode, start, chunk=None):
+    # queries: [G, D], row g for head g % H -> scores, ids [G, k]; chunk: tokens per task (tests shorten it)
+    n = sigs.shape[0]
+    luts = score_luts(queries, mode)
+    threads = nb.get_num_threads()
+    if chunk is None:
+        chunk = max(8192, 64 * k, -(-(n - start) // threads))  # long chunks: few heap inserts per token scored
+    n_chunks = -(-(n - start) // chunk)
+    cand_s = np.full((len(queries), n_chunks, k), -np.inf, np.float32)
+    cand_i = np.full((len(queries), n_chunks, k), np.iinfo(np.int64).max, np.int64)
+    use_weights = mode == "weighted"
+    use_words = mode == "hamming" and sigs.shape[2] % 8 == 0 and sigs.flags.aligned
+    if use_words:
+        words, qwords = sigs.view(np.uint64), query_bits(queries).view(np.uint64)
+    else:
+        words, qwords = np.zeros((1, 1, 1), np.uint64), np.zeros((1, 1), np.uint64)
+    if len(queries) * (n - start) < SERIAL_CELLS:
+        nb.set_num_threads(1)  # runs on the calling thread: waking the pool would cost more than the scan
+    try:
+        _chunk_topk(sigs, weights if use_weights else np.zeros((1, 1), np.float32), luts, use_words, words, qwords,
+                    use_weights, start, chunk, cand_s, cand_i)
+    finally:
+        nb.set_num_threads(threads)
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    _merge_topk(cand_s.reshape(len(queries), -1), cand_i.reshape(len(queries), -1), scores, ids)
+    return scores, ids
+
+
+# ---------------------------------------------------------------------------------------------------- faiss
+
+def _search_faiss(sigs, queries, k, start):
+    # queries: [Q, H, D] -> scores, ids [Q*H, k]. faiss breaks distance ties in no fixed order, so after its k-NN
+    # a range search collects every token at distance <= the k-th distance and the index tie-break picks among them.
+    import faiss
+
+    n_queries, n_heads, d = queries.shape
+    qbits = query_bits(queries)  # [Q, H, B]
+    scores = np.empty((n_queries, n_heads, k), np.float32)
+    ids = np.empty((n_queries, n_heads, k), np.int64)
+    for h in range(n_heads):
+        index = faiss.IndexBinaryFlat(d)
+        index.add(np.ascontiguousarray(sigs[start:, h]))
+        xq = np.ascontiguousarray(qbits[:, h])
+        dist, _ = index.search(xq, k)
+        kth = dist[:, -1].astype(np.int64)
+        lims, r_dist, r_ids = index.range_search(xq, int(kth.max()) + 1)
+        row = np.repeat(np.arange(n_queries), np.diff(lims.astype(np.int64)))
+        r_dist = r_dist.astype(np.int64)
+        keep = r_dist <= kth[row]
+        row, r_dist, r_ids = row[keep], r_dist[keep], r_ids[keep].astype(np.int64)
+        order = np.lexsort((r_ids, r_dist, row))
+        first = np.searchsorted(row[order], np.arange(n_queries))
+        take = order[first[:, None] + np.arange(k)]
+        scores[:, h] = -r_dist[take].astype(np.float32)
+        ids[:, h] = r_ids[take] + start
+    scores[scores == 0] = 0.0
+    return scores.reshape(-1, k), ids.reshape(-1, k)
+
+
+# ---------------------------------------------------------------------------------------------------- cuda
+
+@functools.cache
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _cuda_extension():
+    from torch.utils.cpp_extension import load
+
+    sources = [str(CSRC / "hamming_topk.cu"), str(CSRC / "hamming_topk_binding.cpp")]
+    return load(name="ikv_hamming_topk", sources=sources, extra_cuda_cflags=["-O3"], verbose=False)
+
+
+def topk_rows(scores, k: int, offset: int = 0):
+    """torch float32 [G, n] scores (-0.0 already +0.0) -> numpy (scores, ids + offset) [G, k], index tie-break.
+
+    Packs each score with its index into one int64 key, order-preserving float bits in the high half and
+    0xFFFFFFFF - index in the low half, so torch.topk's unspecified tie order cannot matter: keys are unique.
+    Runs on any torch device (the tests check it on the CPU).
+    """
+    import torch
+
+    bits = scores.view(torch.int32).to(torch.int64)
+    monotone = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order == int order (no -0.0, no NaN)
+    low = 0xFFFFFFFF - torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)
+    keys = torch.topk((monotone << 32) | low, k, dim=1, largest=True, sorted=True).values
+    local = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    best = torch.gather(scores, 1, local)
+    return best.cpu().numpy(), local.cpu().numpy() + offset
+
+
+def _search_cuda(sigs, weights, queries, k, mode, start, device="cuda", ext=None):
+    # queries: [G, D], row g for head g % H -> scores, ids [G, k]; rows go in passes of <= CUDA_PASS_BYTES
+    # (device and ext let the tests drive this glue on the CPU with a stand-in for the kernel)
+    import torch
+
+    def to_device(a):  # torch refuses to wrap read-only arrays (archive memmaps) without a warning
+        return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+
+    ext = ext or _cuda_extension()
+    sigs_t = to_device(sigs)
+    n_eff = sigs.shape[0] - start
+    rows_per_pass = min(65535, max(1, CUDA_PASS_BYTES // (12 * n_eff)))  # float32 score + int64 key per cell
+    if mode == "weighted":
+        weights_t = to_device(weights)
+        table = to_device(score_luts(queries, mode))
+    else:
+        table = to_device(query_bits(queries))
+    out_s, out_i = [], []
+    for lo in range(0, len(queries), rows_per_pass):
+        part = table[lo : lo + rows_per_pass]
+        if mode == "weighted":
+            scores = ext.weighted_scores(sigs_t, weights_t, part, start, lo)
+        else:
+            scores = ext.hamming_scores(sigs_t, part, start, lo)
+        s, i = topk_rows(scores, k, start)
+        out_s.append(s)
+        out_i.append(i)
+    return np.concatenate(out_s), np.concatenate(out_i)

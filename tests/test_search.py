@@ -1,0 +1,283 @@
+"""The signature search: every backend returns exactly what the numpy reference returns, ties included."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infinitekv import codec, search as S
+from infinitekv.search import search, search_many
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+MODES = ("weighted", "hamming")
+
+
+def random_archive(n, n_heads=3, n_bytes=8, seed=0, duplicates=False):
+    rng = np.random.default_rng(seed)
+    sigs = rng.integers(0, 256, (n, n_heads, n_bytes), dtype=np.uint8)
+    weights = rng.random((n, n_heads), dtype=np.float32)
+    if duplicates:  # equal tokens have identical pre-RoPE keys at layer 0: whole runs of identical records
+        source = rng.integers(0, max(1, n // 50), n)
+        sigs, weights = sigs[source].copy(), weights[source].copy()
+    queries = rng.standard_normal((n_heads, 8 * n_bytes)).astype(np.float32)
+    return sigs, weights, queries
+
+
+def assert_same(got, want):
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))  # bit for bit
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64
+
+
+def assert_rows_best_first(scores, ids):
+    # higher score first; equal scores -> lower token index first
+    first, then = (scores[..., :-1], ids[..., :-1]), (scores[..., 1:], ids[..., 1:])
+    assert ((first[0] > then[0]) | ((first[0] == then[0]) & (first[1] < then[1]))).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("duplicates", [False, True], ids=["random", "many_ties"])
+@pytest.mark.parametrize("n_bytes", [8, 5, 16])
+def test_numba_equals_numpy_reference_including_ties(mode, duplicates, n_bytes):
+    sigs, weights, queries = random_archive(3000, n_bytes=n_bytes, duplicates=duplicates)
+    want = search(sigs, weights, queries, 100, mode=mode, backend="numpy")
+    assert_same(search(sigs, weights, queries, 100, mode=mode, backend="numba"), want)
+    assert_rows_best_first(*want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_numba_merge_across_many_chunks_keeps_index_tie_break(mode):
+    sigs, weights, queries = random_archive(5000, duplicates=True, seed=1)
+    want = search(sigs, weights, queries, 300, mode=mode, backend="numpy", exclude_before=7)
+    got = S._search_numba(sigs, weights, queries, 300, mode, 7, chunk=333)  # 15 chunks, ties across their edges
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_numba_parallel_scan_equals_numpy(mode, monkeypatch):
+    monkeypatch.setattr(S, "SERIAL_CELLS", 0)
+    sigs, weights, queries = random_archive(20000, seed=2, duplicates=True)
+    assert_same(search(sigs, weights, queries, 64, mode=mode, backend="numba"),
+                search(sigs, weights, queries, 64, mode=mode, backend="numpy"))
+
+
+def test_all_identical_tokens_come_back_in_index_order():
+    sigs, weights, queries = random_archive(1, n_heads=2)
+    sigs, weights = np.repeat(sigs, 1000, axis=0), np.repeat(weights, 1000, axis=0)
+    for backend, mode in [("numpy", "weighted"), ("numba", "weighted"), ("numba", "hamming"), ("faiss", "hamming")]:
+        _, ids = search(sigs, weights, queries, 10, mode=mode, backend=backend, exclude_before=3)
+        np.testing.assert_array_equal(ids, np.tile(np.arange(3, 13), (2, 1)), err_msg=backend)
+
+
+@pytest.mark.parametrize("duplicates", [False, True], ids=["random", "many_ties"])
+def test_faiss_equals_numpy_for_hamming(duplicates):
+    sigs, weights, queries = random_archive(4000, duplicates=duplicates, seed=3)
+    for k in (1, 50, 4000):
+        want = search(sigs, weights, queries, k, mode="hamming", backend="numpy", exclude_before=11)
+        assert_same(search(sigs, None, queries, k, mode="hamming", backend="faiss", exclude_before=11), want)
+
+
+def test_faiss_backend_refuses_weighted_mode():
+    sigs, weights, queries = random_archive(10)
+    with pytest.raises(ValueError, match="hamming"):
+        search(sigs, weights, queries, 5, mode="weighted", backend="faiss")
+
+
+@pytest.mark.parametrize("backend,mode", [("numpy", "weighted"), ("numba", "weighted"), ("numba", "hamming"),
+                                          ("faiss", "hamming")])
+def test_k_larger_than_n_returns_every_row_sorted(backend, mode):
+    sigs, weights, queries = random_archive(40, seed=4)
+    scores, ids = search(sigs, weights, queries, 1000, mode=mode, backend=backend)
+    assert ids.shape == (3, 40)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.tile(np.arange(40), (3, 1)))
+    assert_rows_best_first(scores, ids)
+
+
+@pytest.mark.parametrize("backend,mode", [("numpy", "weighted"), ("numba", "weighted"), ("numba", "hamming"),
+                                          ("faiss", "hamming")])
+def test_empty_archive_and_everything_excluded_give_empty_rows(backend, mode):
+    sigs, weights, queries = random_archive(0)
+    scores, ids = search(sigs, weights, queries, 5, mode=mode, backend=backend)
+    assert scores.shape == ids.shape == (3, 0) and scores.dtype == np.float32 and ids.dtype == np.int64
+    sigs, weights, queries = random_archive(10)
+    scores, ids = search(sigs, weights, queries, 5, mode=mode, backend=backend, exclude_before=10)
+    assert scores.shape == ids.shape == (3, 0)
+    scores, ids = search_many(sigs, weights, queries[None].repeat(2, 0), 5, mode=mode, backend=backend,
+                              exclude_before=99)
+    assert scores.shape == ids.shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("backend,mode", [("numpy", "weighted"), ("numba", "weighted"), ("numba", "hamming"),
+                                          ("faiss", "hamming")])
+def test_exclude_before_skips_leading_rows_and_keeps_row_ids(backend, mode):
+    sigs, weights, queries = random_archive(500, seed=5)
+    scores, ids = search(sigs, weights, queries, 20, mode=mode, backend=backend, exclude_before=123)
+    tail_scores, tail_ids = search(sigs[123:], weights[123:], queries, 20, mode=mode, backend="numpy")
+    assert_same((scores, ids), (tail_scores, tail_ids + 123))
+    assert search(sigs, weights, queries, 20, mode=mode, backend=backend, exclude_before=490)[1].shape == (3, 10)
+
+
+@pytest.mark.parametrize("backend,mode", [("numpy", "weighted"), ("numba", "weighted"), ("numba", "hamming"),
+                                          ("faiss", "hamming")])
+def test_search_many_equals_a_loop_over_search(backend, mode):
+    sigs, weights, _ = random_archive(2000, duplicates=True, seed=6)
+    queries = np.random.default_rng(7).standard_normal((5, 3, 64)).astype(np.float32)
+    scores, ids = search_many(sigs, weights, queries, 40, mode=mode, backend=backend, exclude_before=2)
+    assert scores.shape == ids.shape == (5, 3, 40)
+    for q in range(5):
+        assert_same((scores[q], ids[q]), search(sigs, weights, queries[q], 40, mode=mode, backend="numpy",
+                                                exclude_before=2))
+
+
+def test_weighted_score_is_weight_times_quantised_query_dot_key_signs():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    q = rng.standard_normal(64).astype(np.float32)
+    sigs = np.packbits(x < 0, axis=-1, bitorder="little")[:, None]
+    weights = np.abs(x).mean(axis=1, dtype=np.float32)[:, None]
+    scores, ids = search(sigs, weights, q[None], 300, backend="numpy")
+    qi = np.rint(q.astype(np.float64) * 2**16 / np.abs(q).max())
+    isum = (np.sign(x[ids[0]]) @ qi).astype(np.float32)
+    np.testing.assert_array_equal(scores[0], weights[ids[0], 0] * isum)
+    # up to the 2**-16 query steps, the score is mean|x| * (q . sign(x)) in units of max|q| / 2**16
+    np.testing.assert_allclose(scores[0] * np.abs(q).max() / 2**16, weights[ids[0], 0] * (np.sign(x[ids[0]]) @ q),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_hamming_score_is_minus_the_number_of_differing_sign_bits():
+    q = np.ones((1, 16), np.float32)
+    q[0, [0, 9]] = -1  # query bits: bit 0 of byte 0 and bit 1 of byte 1
+    sigs = np.array([[[0b1, 0b10]], [[0, 0]], [[0xFF, 0xFF]]], np.uint8)
+    scores, ids = search(sigs, None, q, 3, mode="hamming", backend="numba")
+    np.testing.assert_array_equal(ids, [[0, 1, 2]])
+    np.testing.assert_array_equal(scores, [[0, -2, -14]])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_zero_weight_scores_are_positive_zero_so_they_tie_by_index(backend):
+    sigs, weights, queries = random_archive(200, n_heads=1, seed=9)
+    weights[::2] = 0  # 0 * negative sum would be -0.0
+    scores, ids = search(sigs, weights, queries, 200, backend=backend)
+    zeros = scores[0] == 0
+    assert not np.signbit(scores[0][zeros]).any()
+    assert (np.diff(ids[0][zeros]) > 0).all()
+
+
+def test_search_reads_read_only_memmapped_signatures(tmp_path):
+    sigs, weights, queries = random_archive(3000, seed=10)
+    sigs.tofile(tmp_path / "sigs.bin")
+    mapped = np.memmap(tmp_path / "sigs.bin", dtype=np.uint8, mode="r", shape=sigs.shape)
+    for mode in MODES:
+        assert_same(search(mapped, weights, queries, 30, mode=mode, backend="numba"),
+                    search(sigs, weights, queries, 30, mode=mode, backend="numpy"))
+
+
+def test_rejects_queries_that_do_not_match_the_signatures():
+    sigs, weights, queries = random_archive(10)
+    with pytest.raises(ValueError, match="queries"):
+        search(sigs, weights, queries[:, :32], 5)
+    with pytest.raises(ValueError, match="weights"):
+        search(sigs, weights[:5], queries, 5)
+    with pytest.raises(ValueError, match="mode"):
+        search(sigs, weights, queries, 5, mode="cosine")
+
+
+def test_weighted_recall_of_true_top_dot_products_beats_hamming():
+    # keys of varying norm: the asymmetric score ranks q . x, hamming only the angle between sign vectors
+    rng = np.random.default_rng(0)
+    n, d = 4000, 64
+    x = rng.standard_normal((n, d)).astype(np.float32) * np.exp(0.5 * rng.standard_normal((n, 1))).astype(np.float32)
+    q = rng.standard_normal(d).astype(np.float32)
+    records = codec.encode_records(x, rng.standard_normal((n, d)).astype(np.float32))
+    sigs = codec.signatures_from_records(records, d)[:, None]
+    weights = codec.key_mean_abs(records, d)[:, None]
+    true_top = set(np.argsort(-(x @ q))[:32])
+    recall = {}
+    for mode in MODES:
+        _, ids = search(sigs, weights, q[None], 256, mode=mode, backend="numba")
+        recall[mode] = len(true_top & set(ids[0])) / 32
+    assert recall["weighted"] >= 0.8 and recall["weighted"] >= recall["hamming"] + 0.25, recall
+
+
+def test_topk_rows_used_by_the_cuda_backend_breaks_ties_like_numpy():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    scores = rng.integers(-5, 5, (4, 3000)).astype(np.float32) * np.float32(0.75)  # many ties, negatives, zeros
+    scores[scores == 0] = 0.0
+    scores[1, 100:200] = -np.float32(3.4e38)
+    got = S.topk_rows(torch.from_numpy(scores), 500, offset=17)
+    order = np.stack([np.lexsort((np.arange(3000), -row))[:500] for row in scores])
+    assert_same(got, (np.take_along_axis(scores, order, axis=1), order + 17))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    result = subprocess.run(["nvcc", "-c", "-arch=sm_80", "-o", str(tmp_path / "kernel.o"),
+                             str(CSRC / "hamming_topk.cu")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def cuda_available():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n_bytes", [8, 5])  # word and byte paths of the kernel
+def test_cuda_backend_equals_numpy(mode, n_bytes):
+    for duplicates in (False, True):
+        sigs, weights, queries = random_archive(20000, n_bytes=n_bytes, duplicates=duplicates, seed=12)
+        weights[::7] = 0
+        for k, start in [(256, 0), (100, 19999), (50, 5)]:
+            assert_same(search(sigs, weights, queries, k, mode=mode, backend="cuda", exclude_before=start),
+                        search(sigs, weights, queries, k, mode=mode, backend="numpy", exclude_before=start))
+        many = np.random.default_rng(13).standard_normal((4, 3, 8 * n_bytes)).astype(np.float32)
+        assert_same(search_many(sigs, weights, many, 64, mode=mode, backend="cuda"),
+                    search_many(sigs, weights, many, 64, mode=mode, backend="numpy"))
+    assert search(sigs, weights, queries, 5, mode=mode, backend="auto")[1].shape == (3, 5)
+
+
+class LutKernelOnCpu:
+    """What csrc/hamming_topk.cu computes, in numpy: sum of LUT entries (or popcounts) per (row, token)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def weighted_scores(self, sigs, weights, luts, start, row_offset):
+        sigs, weights, luts = sigs.numpy(), weights.numpy(), luts.numpy()
+        heads = (row_offset + np.arange(len(luts))) % sigs.shape[1]
+        rows = []
+        for lut, h in zip(luts, heads):
+            isum = lut[np.arange(sigs.shape[2]), sigs[start:, h]].sum(axis=1)  # [N - start]
+            rows.append(weights[start:, h] * isum.astype(np.float32))
+        scores = np.stack(rows) + np.float32(0)  # -0.0 -> +0.0 as the kernel does
+        return self.torch.from_numpy(scores.reshape(len(luts), -1))
+
+    def hamming_scores(self, sigs, qbits, start, row_offset):
+        sigs, qbits = sigs.numpy(), qbits.numpy()
+        heads = (row_offset + np.arange(len(qbits))) % sigs.shape[1]
+        dist = [np.unpackbits(sigs[start:, h] ^ q, axis=1).sum(axis=1) for q, h in zip(qbits, heads)]
+        return self.torch.from_numpy(-np.stack(dist).astype(np.float32).reshape(len(qbits), -1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_backend_glue_equals_numpy_with_a_cpu_stand_in_for_the_kernel(mode, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(S, "CUDA_PASS_BYTES", 12 * 1000 * 4)  # 4 query rows per pass: passes split a head group
+    sigs, weights, _ = random_archive(1011, duplicates=True, seed=14)
+    weights[::5] = 0
+    sigs.setflags(write=False)  # like an archive memmap
+    queries = np.random.default_rng(15).standard_normal((3, 3, 64)).astype(np.float32)
+    for k in (1, 70, 2000):
+        want = search_many(sigs, weights, queries, k, mode=mode, backend="numpy", exclude_before=11)
+        got = S._search_cuda(sigs, weights, queries.reshape(9, 64), min(k, 1000), mode, 11, device="cpu",
+                             ext=LutKernelOnCpu(torch))
+        assert_same((got[0].reshape(want[0].shape), got[1].reshape(want[1].shape)), want)
