@@ -100,22 +100,15 @@ def retrieve_cold(archive, layer: int, memory: LayerMemory, q_summed: np.ndarray
         archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
         mode=config.search_mode, backend=config.search_backend,
     )  # [n_blocks, Hk, L]
-    n_heads = q_summed.shape[0]
-    heads = np.arange(n_heads)[None, :, None]
-    records = archive.records(layer)[shortlist, heads]  # [n_blocks, Hk, L, record_bytes]
-    keys_rotated = codec.decode_keys_rotated(records, head_dim)  # [n_blocks, Hk, L, D]
-    rerank = np.empty(shortlist.shape, dtype=np.float32)
-    for index, (a, b) in enumerate(blocks):
-        # max over the block's queries: a token any one query needs is kept
-        rerank[index] = np.einsum("hcd,hld->hcl", q_rotated[:, a:b], keys_rotated[index]).max(axis=1)
+    records = archive.records(layer)
+    starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
+    rerank = codec.score_shortlist(records, shortlist, q_rotated, starts)  # max over each block's queries
     # best score first, ties to the lower token id (equal tokens have equal pre-RoPE keys at layer 0)
     order = np.lexsort((shortlist, -rerank), axis=-1)[..., :retrieved]
-    chosen_ids = np.take_along_axis(shortlist, order, axis=-1)
-    by_position = np.argsort(chosen_ids, axis=-1, kind="stable")
-    order = np.take_along_axis(order, by_position, axis=-1)
-    chosen_ids = np.take_along_axis(chosen_ids, by_position, axis=-1)
-    chosen_keys = np.take_along_axis(keys_rotated, order[..., None], axis=2) @ rotation + memory.key_mean[None, :, None]
-    chosen_values = codec.decode_values(np.take_along_axis(records, order[..., None], axis=2), head_dim)
+    chosen_ids = np.sort(np.take_along_axis(shortlist, order, axis=-1), axis=-1)  # [n_blocks, Hk, r]
+    chosen = records[chosen_ids, np.arange(q_summed.shape[0])[None, :, None]]  # [n_blocks, Hk, r, record_bytes]
+    chosen_keys = codec.decode_keys_rotated(chosen, head_dim) @ rotation + memory.key_mean[None, :, None]
+    chosen_values = codec.decode_values(chosen, head_dim)
     return chosen_keys, chosen_values, chosen_ids
 
 

@@ -123,3 +123,54 @@ def signatures_from_records(records: np.ndarray, head_dim: int) -> np.ndarray:
 def key_mean_abs(records: np.ndarray, head_dim: int) -> np.ndarray:
     """The per-record weight of the signature score, float32 [...]."""
     return record_fields(records, head_dim)[2][..., 1].astype(np.float32)
+
+
+@nb.njit(cache=True, inline="always")
+def _half_to_float(low, high):
+    # IEEE 754 binary16 -> float32 (numba has no float16)
+    bits = low | (high << 8)
+    sign = -1.0 if bits & 0x8000 else 1.0
+    exponent = (bits >> 10) & 0x1F
+    mantissa = bits & 0x3FF
+    if exponent == 0:
+        return sign * mantissa * 2.0**-24
+    if exponent == 31:
+        return sign * np.inf if mantissa == 0 else np.nan
+    return sign * (1.0 + mantissa / 1024.0) * 2.0 ** (exponent - 15)
+
+
+@nb.njit(parallel=True, cache=True)
+def _score_shortlist(records, shortlist, queries, block_starts, out):
+    n_blocks, n_heads, n_candidates = shortlist.shape
+    d = queries.shape[2]
+    scale_at = d + d // 2
+    for task in nb.prange(n_blocks * n_heads):
+        b = task // n_heads
+        h = task % n_heads
+        for j in range(n_candidates):
+            token = shortlist[b, h, j]
+            best = -np.inf
+            for c in range(block_starts[b], block_starts[b + 1]):
+                dot = 0.0
+                for e in range(d):
+                    code = np.int32(records[token, h, e])
+                    if code >= 128:
+                        code -= 256
+                    dot += code * queries[h, c, e]
+                if dot > best:
+                    best = dot
+            out[b, h, j] = best * _half_to_float(np.int32(records[token, h, scale_at]),
+                                                 np.int32(records[token, h, scale_at + 1]))
+
+
+def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndarray, block_starts: np.ndarray):
+    """Rerank scores straight from the int8 key codes, without materialising float keys.
+
+    records [N, H, record_bytes] (may be a memmap); shortlist [n_blocks, H, L] token ids; queries [H, C, D] in the
+    rotated basis; block b owns queries block_starts[b]:block_starts[b+1]. Returns float32 [n_blocks, H, L]:
+    max over the block's queries of q . x (x = dequantised R(k - mu)).
+    """
+    out = np.empty(shortlist.shape, dtype=np.float32)
+    _score_shortlist(records, np.ascontiguousarray(shortlist), np.ascontiguousarray(queries, dtype=np.float32),
+                     np.ascontiguousarray(block_starts, dtype=np.int64), out)
+    return out
