@@ -864,6 +864,7 @@ class Archive:
                     _fdatasync(lay.fd)
             _write_file_durably(state_file, blob)
             _write_file_durably(tmp, raw)
+            _fsync_dir(self.path)  # the state file's directory entry is durable before the manifest names it
             os.replace(tmp, self.path / MANIFEST_NAME)
         except OSError as err:
             _remove_quietly(tmp)
@@ -895,6 +896,7 @@ class Archive:
         raw = _manifest_bytes(m)
         tmp = self.path / (MANIFEST_NAME + ".tmp")
         _write_file_durably(tmp, raw)
+        _fsync_dir(self.path)
         os.replace(tmp, self.path / MANIFEST_NAME)
         _fsync_dir(self.path)
         return raw
