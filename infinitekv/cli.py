@@ -173,3 +173,76 @@ def main() -> None:
     except IKVError as err:
         print(f"ikv: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="Archive directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """What an archive holds: format, model, layout, tokens, bytes per tier and file; verifies every checksum."""
+    import json
+
+    from infinitekv.archive import inspect_archive
+
+    try:
+        info = inspect_archive(path)
+    except IKVError as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        lay, tiers = info["layout"], info["tiers"]
+        print(f"archive    {info['path']} (format {info['format_version']}, uuid {info['archive_uuid'][:8]})")
+        print(f"model      {info['model_fingerprint']}")
+        print(f"layout     {lay['n_layers']} layers x {lay['n_kv_heads']} kv-heads x {lay['record_bytes']}-byte records "
+              f"(head_dim {lay['head_dim']}): {info['bytes_per_token']:,} bytes per token")
+        print(f"tokens     {info['committed_tokens']:,} committed (commit {info['commits']:,})")
+        print(f"cold tier  {_size(tiers['cold_records'])} of records on disk")
+        print(f"hot tier   {_size(tiers['hot_state'])} of engine state on disk")
+        print(f"index      {_size(tiers['signature_index_ram'])} of signatures and weights in RAM once opened")
+        print(f"files      {len(info['files'])}, {_size(sum(info['files'].values()))}: "
+              + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
+        if info["recovered"]:
+            print(f"recovery   {info['recovered']}")
+        print(f"integrity  {'ok: every checksum verified' if info['integrity'] == 'ok' else 'FAILED'}")
+    if info["integrity"] != "ok":
+        fail(info["integrity"])
+
+
+@archive_app.command("pack")
+def archive_pack(
+    src: Path = typer.Argument(..., help="Archive directory."),
+    dst: Path = typer.Argument(..., help="Pack file to write, e.g. mem.ikv.zst."),
+) -> None:
+    """Pack an archive's committed data into one zstd-compressed file, with checksums."""
+    from infinitekv.archive import pack
+
+    try:
+        info = pack(src, dst)
+    except IKVError as err:
+        fail(str(err))
+    print(f"packed {src} ({info['committed_tokens']:,} tokens, {_size(info['bytes'])}) into {dst} "
+          f"({_size(info['packed_bytes'])}, {info['ratio']:.2f}x)")
+
+
+@archive_app.command("unpack")
+def archive_unpack(
+    src: Path = typer.Argument(..., help="Pack file written by `ikv archive pack`."),
+    dst: Path = typer.Argument(..., help="New or empty directory for the archive."),
+) -> None:
+    """Unpack a pack into a new archive directory, verifying every checksum."""
+    from infinitekv.archive import unpack
+
+    try:
+        info = unpack(src, dst)
+    except IKVError as err:
+        fail(str(err))
+    print(f"unpacked {src} into {dst}: {info['committed_tokens']:,} tokens, {_size(info['bytes'])}, checksums verified")

@@ -444,3 +444,33 @@ def test_unpack_refuses_a_pack_whose_member_was_swapped_even_with_valid_compress
     with pytest.raises(IKVError, match=r"checksum mismatch in layer-001\.ikv"):
         unpack(tmp_path / "q.zst", tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_inspect_pack_unpack_print_summaries_and_fail_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from infinitekv.cli import app
+
+    make_archive(tmp_path / "mem", 100, 9)
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(tmp_path / "mem")])
+    assert result.exit_code == 0, result.output
+    assert "100 committed" in result.stdout and "ok: every checksum verified" in result.stdout
+    result = runner.invoke(app, ["inspect", str(tmp_path / "mem"), "--json"])
+    assert json.loads(result.stdout)["layout"]["n_layers"] == 3
+    result = runner.invoke(app, ["archive", "pack", str(tmp_path / "mem"), str(tmp_path / "m.zst")])
+    assert result.exit_code == 0 and "100 tokens" in result.stdout
+    result = runner.invoke(app, ["archive", "unpack", str(tmp_path / "m.zst"), str(tmp_path / "copy")])
+    assert result.exit_code == 0 and "checksums verified" in result.stdout
+    for args in (["inspect", str(tmp_path / "nowhere")],
+                 ["archive", "unpack", str(tmp_path / "m.zst"), str(tmp_path / "copy")],
+                 ["archive", "pack", str(tmp_path / "nowhere"), str(tmp_path / "n.zst")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.stderr.startswith("ikv: error: ")
+        assert result.stderr.count("\n") == 1, result.stderr
+    shard = tmp_path / "mem" / shard_name(0)
+    data = bytearray(shard.read_bytes())
+    data[HEADER_BYTES] ^= 1
+    shard.write_bytes(bytes(data))
+    result = runner.invoke(app, ["inspect", str(tmp_path / "mem")])
+    assert result.exit_code == 2 and "FAILED" in result.stdout and "checksum mismatch" in result.stderr
