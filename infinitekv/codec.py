@@ -1,24 +1,7 @@
-"""The cold-tier record: one fixed-size record per (layer, kv-head, token).
+"""The cold-tier record: one fixed-size record per (layer, kv-head, token), 1.5*D + 8 bytes for head_dim D (104 for
+D = 64): int8 key codes of R (k - mu), 4-bit value codes, then four float16 scales.
 
-For head_dim D the record is 1.5*D + 8 bytes: 104 bytes for D = 64 (SmolLM2, Llama-3.2-1B, most small models).
-All multi-byte fields are little-endian. FORMAT.md documents the same layout inside the shard files.
-
-    offset      size   field
-    0           D      key codes, int8: round(x / key_scale) clipped to [-127, 127], where x = R (k - mu) is the
-                       pre-RoPE key, centred on its per-(layer, kv-head) mean mu and turned by the archive's fixed
-                       orthogonal matrix R. The sign bits of these codes ARE the token's D-bit binary signature.
-    D           D/2    value codes, 4-bit unsigned, two per byte, even dims in the low nibble:
-                       v ~= value_min + code * value_scale
-    1.5D        2      key_scale, float16 (max |x| / 127)
-    1.5D + 2    2      key_mean_abs, float16 (mean |x|): weights the signature score so the first stage ranks
-                       dot products, not just angles
-    1.5D + 4    2      value_scale, float16 ((max v - min v) / 15)
-    1.5D + 6    2      value_min, float16
-
-Why this split (measured on SmolLM2, see BENCHMARKS.md): 8-bit keys and 4-bit values change neither passkey answers
-nor KL; centring on mu makes the key's sign bits a far better signature than signs of the raw key (ranking by
-q.(k - mu) equals ranking by q.k for one query), and R spreads outlier channels over all dims so each sign bit
-carries information and int8 quantisation loses less.
+The byte-by-byte layout, and why it is split this way, is in FORMAT.md ("The record"), the one place it is kept.
 """
 
 from __future__ import annotations
