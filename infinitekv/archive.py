@@ -389,6 +389,9 @@ def _acquire_lock(path: Path) -> int:
     except OSError as err:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and holder == str(os.getpid()):
+            raise IKVError(f"archive {path} is already open for writing in this process; close it before opening "
+                           "it again, or open it read-only") from None
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise IKVError(
                 f"archive {path} is in use by another process (pid {holder}); "
@@ -581,7 +584,7 @@ class Archive:
         _read_manifest_file(path)  # refuses missing and non-archive directories before we create a LOCK there
         lock_fd = _acquire_lock(path) if writable else -1
         try:
-            for attempt in range(3):
+            for _ in range(3):
                 raw = _read_manifest_file(path)
                 m = _parse_manifest(raw, f"manifest {path / MANIFEST_NAME}")
                 if model_fingerprint is not None and m.model_fingerprint != model_fingerprint:

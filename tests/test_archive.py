@@ -474,3 +474,14 @@ def test_cli_inspect_pack_unpack_print_summaries_and_fail_with_one_line(tmp_path
     shard.write_bytes(bytes(data))
     result = runner.invoke(app, ["inspect", str(tmp_path / "mem")])
     assert result.exit_code == 2 and "FAILED" in result.stdout and "checksum mismatch" in result.stderr
+
+
+def test_opening_an_archive_twice_for_writing_in_one_process_is_refused(tmp_path):
+    make_archive(tmp_path / "a", 5)
+    with Archive.open(tmp_path / "a"):
+        for _ in range(2):  # the first refusal must not have released the holder's lock
+            with pytest.raises(IKVError, match="already open for writing in this process"):
+                Archive.open(tmp_path / "a")
+        with Archive.open(tmp_path / "a", writable=False) as reader:
+            assert reader.committed_tokens == 5
+    Archive.open(tmp_path / "a").close()  # the refusal did not keep the lock
