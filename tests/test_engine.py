@@ -1,0 +1,150 @@
+"""The engine on tiny random models of every supported family: exactness when nothing is cold, retrieval when it is,
+weights untouched, resume equal to an uninterrupted run, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from infinitekv.archive import Archive
+from infinitekv.attention import RetrievalConfig
+from infinitekv.engine import enable
+from infinitekv.errors import IKVError
+from infinitekv.models import weights_sha256
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def reference_greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                             pad_token_id=0, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_unmodified_model_when_hot_window_covers_everything(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits[0]
+    config = RetrievalConfig(hot_window=1024, chunk_size=64, top_k_cold=8, shortlist=32)
+    with enable(model, config=config, mode="ram") as session:
+        for start in range(0, 300, 64):
+            logits = session.feed(ids[0, start : start + 64].tolist())
+            last = min(start + 64, 300) - 1
+            torch.testing.assert_close(logits, reference[last], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_identical_and_weights_byte_identical_after_exit(family):
+    model = tiny_model(family)
+    before = weights_sha256(model)
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(2))
+    expected = reference_greedy(model, ids, 12)
+    config = RetrievalConfig(hot_window=1024, chunk_size=50, top_k_cold=8, shortlist=32)
+    with enable(model, config=config, mode="ram") as session:
+        got = session.generate(ids[0].tolist(), max_new_tokens=12, stop_ids=set())
+    assert got == expected
+    assert weights_sha256(model) == before
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+    with torch.no_grad():  # the unpatched model still works and is the original
+        assert reference_greedy(model, ids, 12) == expected
+
+
+def test_attention_is_restored_when_the_body_raises():
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError):
+        with enable(model, mode="ram"):
+            raise RuntimeError("boom")
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_old_tokens_go_to_the_cold_tier_and_are_retrieved(mode, tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(3)).tolist()[0]
+    config = RetrievalConfig(sinks=4, hot_window=64, evict_batch=16, chunk_size=32, top_k_cold=8, shortlist=32)
+    archive = str(tmp_path / "mem") if mode == "disk" else None
+    with enable(model, config=config, archive=archive, mode=mode) as session:
+        logits = session.feed(ids)
+        cold = len(session.archive.signatures(0))
+        memory = session.memories[0]
+        assert memory.sink_k.shape[1] == 4
+        assert 64 <= memory.window_k.shape[1] < 64 + 16
+        assert cold + 4 + memory.window_k.shape[1] == 400
+        assert session.counters.extra["retrieved_tokens"] > 0
+        assert torch.isfinite(logits).all()
+        bill = session.memory_bill()
+        assert bill["cold_tokens"] == cold
+        assert bill["cold_record_bytes"] == cold * 2 * 2 * (16 + 8 + 8)
+
+
+def test_retrieval_off_differs_from_retrieval_on_once_tokens_are_cold():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(4)).tolist()[0]
+    outputs = []
+    for top_k in (0, 16):
+        config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32, top_k_cold=top_k, shortlist=64)
+        with enable(model, config=config, mode="ram") as session:
+            outputs.append(session.feed(ids))
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_resumed_session_continues_exactly_like_an_uninterrupted_one(tmp_path):
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 256, (1, 500), generator=torch.Generator().manual_seed(5)).tolist()[0]
+    more = [7, 8, 9, 10, 11]
+    config = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=40, top_k_cold=8, shortlist=32)
+    with enable(model, config=config, mode="ram") as session:
+        session.feed(ids)
+        expected = session.generate(more, max_new_tokens=10, stop_ids=set())
+    with enable(model, config=config, archive=str(tmp_path / "mem")) as session:
+        session.feed(ids)
+        session.commit()
+    with enable(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
+        assert len(session.token_ids) == 500
+        got = session.generate(more, max_new_tokens=10, stop_ids=set())
+        assert session.counters.prefill_tokens == len(more)
+    assert got == expected
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+    config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32)
+    with enable(tiny_model("llama", seed=0), config=config, archive=str(tmp_path / "mem")) as session:
+        session.feed(list(range(100)))
+        session.commit()
+    with pytest.raises(IKVError, match="model"):
+        with enable(tiny_model("llama", seed=1), config=config, archive=str(tmp_path / "mem"), resume=True):
+            pass
+
+
+def test_budget_beyond_trained_window_is_refused_with_the_fix():
+    model = tiny_model("llama")
+    with pytest.raises(IKVError, match="trained window.*lower --hot-window"):
+        with enable(model, config=RetrievalConfig(hot_window=8000), mode="ram"):
+            pass
+
+
+def test_unsupported_architecture_is_refused():
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(IKVError, match="unsupported architecture 'gpt2'"):
+        with enable(model, mode="ram"):
+            pass
+
+
+def test_an_existing_archive_is_not_overwritten(tmp_path):
+    model = tiny_model("llama")
+    config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32)
+    with enable(model, config=config, archive=str(tmp_path / "mem")) as session:
+        session.feed(list(range(100)))
+        session.commit()
+    with pytest.raises(IKVError):
+        with enable(model, config=config, archive=str(tmp_path / "mem")):
+            pass
+    with Archive.open(tmp_path / "mem", writable=False) as archive:
+        assert archive.committed_tokens == len(archive.signatures(0)) > 0
