@@ -40,6 +40,7 @@ class RetrievalConfig:
     evict_batch: int = 64  # the window may overshoot by this much before a batch moves to the cold tier
     search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
     search_backend: str = "auto"
+    rerank: str = "max"
     rotation_seed: int = 0
 
     def max_compact_position(self) -> int:
@@ -85,28 +86,33 @@ def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def retrieve_cold(archive, layer: int, memory: LayerMemory, q_summed: np.ndarray, blocks, config: RetrievalConfig,
+def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
                   rotation: np.ndarray):
     """Pick each block's cold tokens for every kv-head and dequantise them.
 
-    q_summed: [Hk, C, D] float32 pre-RoPE queries summed over each GQA group. Returns keys and values
+    q_grouped: [Hk, C, G, D] float32 pre-RoPE queries, G query heads per kv-head. Returns keys and values
     [n_blocks, Hk, r, D] (pre-RoPE) and token ids [n_blocks, Hk, r], r = min(top_k_cold, cold tokens).
     """
     retrieved = min(config.top_k_cold, len(archive.signatures(layer)))
-    head_dim = q_summed.shape[-1]
-    q_rotated = q_summed @ rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
-    block_means = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
+    n_heads, length, group, head_dim = q_grouped.shape
+    q_rotated = q_grouped @ rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
+    q_summed = q_rotated.sum(axis=2)  # [Hk, C, D]: one first-stage query per kv-head
+    block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
     _, shortlist = search.search_many(
         archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
         mode=config.search_mode, backend=config.search_backend,
     )  # [n_blocks, Hk, L]
     records = archive.records(layer)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
-    rerank = codec.score_shortlist(records, shortlist, q_rotated, starts)  # max over each block's queries
+    if config.rerank == "max":  # max over the block's queries and every query head of the group
+        rerank = codec.score_shortlist(records, shortlist, q_rotated.reshape(n_heads, length * group, head_dim),
+                                       starts * group)
+    else:
+        rerank = codec.score_shortlist(records, shortlist, q_summed, starts)
     # best score first, ties to the lower token id (equal tokens have equal pre-RoPE keys at layer 0)
     order = np.lexsort((shortlist, -rerank), axis=-1)[..., :retrieved]
     chosen_ids = np.sort(np.take_along_axis(shortlist, order, axis=-1), axis=-1)  # [n_blocks, Hk, r]
-    chosen = records[chosen_ids, np.arange(q_summed.shape[0])[None, :, None]]  # [n_blocks, Hk, r, record_bytes]
+    chosen = records[chosen_ids, np.arange(n_heads)[None, :, None]]  # [n_blocks, Hk, r, record_bytes]
     chosen_keys = codec.decode_keys_rotated(chosen, head_dim) @ rotation + memory.key_mean[None, :, None]
     chosen_values = codec.decode_values(chosen, head_dim)
     return chosen_keys, chosen_values, chosen_ids
@@ -130,8 +136,8 @@ def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: Lay
     context_v = [memory.sink_v]
     positions = [torch.arange(s)]
     if retrieved:
-        q_summed = q.detach().float().view(n_kv_heads, -1, length, head_dim).sum(1).cpu().numpy()
-        keys, values, _ = retrieve_cold(archive, layer, memory, q_summed, blocks, config, rotation)
+        q_grouped = q.detach().float().view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
+        keys, values, _ = retrieve_cold(archive, layer, memory, q_grouped, blocks, config, rotation)
         # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]: every block's tokens sit at the same compact positions
         context_k.append(torch.from_numpy(keys).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
         context_v.append(torch.from_numpy(values).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))

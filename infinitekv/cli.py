@@ -246,3 +246,107 @@ def archive_unpack(
     except IKVError as err:
         fail(str(err))
     print(f"unpacked {src} into {dst}: {info['committed_tokens']:,} tokens, {_size(info['bytes'])}, checksums verified")
+
+
+# ---- gates and benchmarks: each writes a receipt ----------------------------------------------------------------
+
+def _bench_config(hot_window: int, top_k_cold: str, shortlist: int, chunk_size: int) -> RetrievalConfig:
+    return RetrievalConfig(hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist,
+                           chunk_size=chunk_size)
+
+
+def _bench(kind: str, model: str, receipt: Optional[Path], work) -> None:
+    """Load the model, run `work(loaded) -> receipt parts`, write the receipt, print its gates and metrics."""
+    from infinitekv import receipts
+    from infinitekv.models import load_model
+
+    started_at = receipts.utc_now()
+    clock = time.perf_counter()
+    loaded = load_model(model)
+    parts = work(loaded)
+    record = receipts.build_receipt(
+        command=receipts.command_line(),
+        config=parts["config"],
+        model={"source": model, "weights_sha256": loaded.weights_sha256},
+        inputs=parts.get("inputs", {}),
+        outputs=parts["outputs"],
+        metrics=parts["metrics"],
+        gates=parts.get("gates"),
+        started_at=started_at,
+        duration_s=time.perf_counter() - clock,
+    )
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path(kind))
+    for name, verdict in (parts.get("gates") or {}).items():
+        print(f"gate {name}: {verdict['verdict']}")
+    for name, value in parts["metrics"].items():
+        print(f"{name}: {value['value']} {value['unit']}")
+    print(f"receipt {path}", file=sys.stderr)
+    if any(v["verdict"] != "pass" for v in (parts.get("gates") or {}).values()):
+        raise typer.Exit(code=1)
+
+
+_MODEL = typer.Option(DEFAULT_MODEL, help="Model to measure (see `ikv run --help`).")
+_RECEIPT = typer.Option(None, help="Where to write the receipt (default: receipts/<kind>-<time>.json).")
+_HOT = typer.Option(RetrievalConfig.hot_window, help="Hot window.")
+_TOPK = typer.Option("auto", help="Cold tokens retrieved per kv-head: auto, N, or 0.")
+_SHORT = typer.Option(RetrievalConfig.shortlist, help="First-stage shortlist per kv-head.")
+_CHUNK = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size.")
+
+
+@bench_app.command("weights")
+def bench_weights(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT) -> None:
+    """Gate: SHA-256 over every weight tensor is identical before enabling and after disabling."""
+    from infinitekv import bench
+
+    _bench("weights", model, receipt, lambda loaded: bench.gate_weights(loaded, RetrievalConfig()))
+
+
+@bench_app.command("equivalence")
+def bench_equivalence(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+                      prompt_tokens: int = typer.Option(1500, help="Prompt length."),
+                      new_tokens: int = typer.Option(32, help="Greedy tokens compared.")) -> None:
+    """Gate: with the hot window covering everything, greedy output equals the unmodified model's."""
+    from infinitekv import bench
+
+    _bench("equivalence", model, receipt, lambda loaded: bench.gate_equivalence(loaded, prompt_tokens, new_tokens))
+
+
+@bench_app.command("quality")
+def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
+                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+                  lengths: str = typer.Option("2048,4096,8192", help="Context lengths, comma-separated."),
+                  positions: int = typer.Option(256, help="Teacher-forced positions at the end of each text.")) -> None:
+    """KL divergence and top-1 agreement against the unmodified model on real English text."""
+    from infinitekv import bench
+
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
+    sizes = tuple(int(x) for x in lengths.split(","))
+    _bench("quality", model, receipt, lambda loaded: bench.bench_quality(loaded, config, sizes, positions))
+
+
+@bench_app.command("passkey")
+def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
+                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+                  lengths: str = typer.Option("4096,12288", help="Context lengths, comma-separated."),
+                  depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, comma-separated."),
+                  heatmap: Optional[Path] = typer.Option(None, help="PNG heatmap path (default: beside the receipt).")) -> None:
+    """Needle retrieval over a grid of lengths x depths, retrieval on and off, and the unmodified model."""
+    from infinitekv import bench, receipts
+
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
+    path = receipt or receipts.default_receipt_path("passkey")
+    picture = heatmap or path.with_suffix(".png")
+    _bench("passkey", model, path, lambda loaded: bench.bench_passkey(
+        loaded, config, tuple(int(x) for x in lengths.split(",")), tuple(float(x) for x in depths.split(",")),
+        heatmap=picture))
+
+
+@bench_app.command("memory")
+def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
+                 top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+                 tokens: int = typer.Option(12288, help="Tokens to read into a disk archive.")) -> None:
+    """The memory bill: bytes on device, resident in RAM, on disk, against the fp16 KV cache."""
+    from infinitekv import bench
+
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
+    _bench("memory", model, receipt, lambda loaded: bench.bench_memory(loaded, config, tokens))

@@ -122,7 +122,7 @@ def _half_to_float(low, high):
     return sign * (1.0 + mantissa / 1024.0) * 2.0 ** (exponent - 15)
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, fastmath=True)
 def _score_shortlist(records, shortlist, queries, block_starts, out):
     n_blocks, n_heads, n_candidates = shortlist.shape
     d = queries.shape[2]
@@ -130,16 +130,17 @@ def _score_shortlist(records, shortlist, queries, block_starts, out):
     for task in nb.prange(n_blocks * n_heads):
         b = task // n_heads
         h = task % n_heads
+        key = np.empty(d, dtype=np.float32)
         for j in range(n_candidates):
             token = shortlist[b, h, j]
+            for e in range(d):
+                code = np.int32(records[token, h, e])
+                key[e] = code - 256 if code >= 128 else code
             best = -np.inf
             for c in range(block_starts[b], block_starts[b + 1]):
-                dot = 0.0
+                dot = np.float32(0.0)
                 for e in range(d):
-                    code = np.int32(records[token, h, e])
-                    if code >= 128:
-                        code -= 256
-                    dot += code * queries[h, c, e]
+                    dot += key[e] * queries[h, c, e]
                 if dot > best:
                     best = dot
             out[b, h, j] = best * _half_to_float(np.int32(records[token, h, scale_at]),

@@ -1,0 +1,207 @@
+"""Gates and benchmarks behind `ikv bench ...`. Each returns the parts of a receipt (config, inputs, outputs,
+metrics, gates); the CLI adds the command, environment and hash. A gate asserts; a benchmark measures."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infinitekv import receipts
+from infinitekv.attention import RetrievalConfig
+from infinitekv.corpus import english_text
+from infinitekv.engine import enable
+from infinitekv.models import LoadedModel, weights_sha256
+from infinitekv.needles import passkey
+
+
+def gate_weights(loaded: LoadedModel, config: RetrievalConfig) -> dict:
+    """SHA-256 over every weight tensor before enabling and after disabling must be byte-identical."""
+    before = weights_sha256(loaded.model)
+    ids = loaded.tokenizer(english_text(4000), add_special_tokens=False)["input_ids"][:600]
+    with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, mode="ram", fingerprint=before) as session:
+        session.generate(ids, max_new_tokens=8)
+    after = weights_sha256(loaded.model)
+    return {
+        "config": asdict(config),
+        "outputs": {"sha256_before": before, "sha256_after": after},
+        "metrics": {},
+        "gates": {"weights_identical": receipts.gate(before == after, {"tensors": len(loaded.model.state_dict())})},
+    }
+
+
+def gate_equivalence(loaded: LoadedModel, prompt_tokens: int = 1500, new_tokens: int = 32) -> dict:
+    """With the hot window covering everything, greedy output equals the unmodified model token for token."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenizer(english_text(prompt_tokens * 8), add_special_tokens=False)["input_ids"][:prompt_tokens]
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
+    expected = reference[0, len(ids):].tolist()
+    config = RetrievalConfig(hot_window=prompt_tokens + new_tokens + 64)
+    with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as session:
+        got = session.generate(ids, max_new_tokens=new_tokens, stop_ids=set())
+    first_difference = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    return {
+        "config": {**asdict(config), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens},
+        "outputs": {"tokens_sha256": receipts.text_input(" ".join(map(str, got)))["sha256"],
+                    "text": tokenizer.decode(got)},
+        "metrics": {"matching_tokens": receipts.metric(sum(a == b for a, b in zip(got, expected)), "tokens")},
+        "gates": {"greedy_identical": receipts.gate(got == expected, {"first_difference": first_difference})},
+    }
+
+
+def _kl_and_top1(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, bool]:
+    p = torch.log_softmax(reference_logits.float(), dim=-1)
+    q = torch.log_softmax(logits.float(), dim=-1)
+    kl = float(torch.sum(p.exp() * (p - q)))
+    return max(kl, 0.0), int(reference_logits.argmax()) == int(logits.argmax())
+
+
+def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4096, 8192),
+                  positions: int = 256) -> dict:
+    """Teacher-forced KL and top-1 agreement against the unmodified model over the last `positions` tokens of
+    real English text; the last positions go through the decode path, one token at a time, as generation does."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    metrics, per_length = {}, {}
+    for length in lengths:
+        ids = tokenizer(english_text(length * 8), add_special_tokens=False)["input_ids"][:length]
+        with torch.no_grad():
+            reference = model(torch.tensor([ids]), use_cache=False, logits_to_keep=positions + 1).logits[0]
+        kls, agree = [], []
+        with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
+            logits = s.feed(ids[: length - positions])
+            for offset in range(positions):
+                kl, same = _kl_and_top1(reference[offset], logits)
+                kls.append(kl)
+                agree.append(same)
+                logits = s.feed([ids[length - positions + offset]])
+        kls_array = np.array(kls)
+        per_length[str(length)] = {"median_kl": float(np.median(kls_array)), "mean_kl": float(kls_array.mean()),
+                                   "p90_kl": float(np.percentile(kls_array, 90)), "top1": float(np.mean(agree))}
+        for name, value in per_length[str(length)].items():
+            metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 6), "nats" if "kl" in name else "fraction")
+    return {
+        "config": {**asdict(config), "lengths": list(lengths), "positions": positions,
+                   "text": "pydoc_data.topics (Python standard library documentation)"},
+        "outputs": {"per_length": per_length},
+        "metrics": metrics,
+    }
+
+
+def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: Path | None) -> tuple[str, dict]:
+    mode = "disk" if archive_dir else "ram"
+    with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir) if archive_dir
+                else None, mode=mode, fingerprint=loaded.weights_sha256) as session:
+        answer = session.ask(needle.question, needle.document, max_new_tokens=24)
+        counters = session.counters
+        timing = {"prefill_s": counters.prefill_seconds, "tokens": len(session.token_ids),
+                  "decode_ms": 1000 * counters.decode_seconds / max(counters.decode_steps, 1)}
+    return answer, timing
+
+
+def _unmodified_answer(loaded: LoadedModel, needle) -> tuple[str, dict]:
+    tokenizer = loaded.tokenizer
+    messages = [{"role": "user", "content": needle.document + "\n\n" + needle.question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = loaded.model.generate(ids, max_new_tokens=24, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), {
+        "seconds": time.perf_counter() - start, "tokens": ids.shape[1]}
+
+
+def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 12288), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+                  unmodified_up_to: int = 8192, heatmap: Path | None = None) -> dict:
+    """A grid of lengths x depths: retrieval on (disk archive), retrieval off (--top-k-cold 0), and the unmodified
+    model where the length fits its trained window."""
+    cells = []
+    off = RetrievalConfig(**{**asdict(config), "top_k_cold": 0})
+    with tempfile.TemporaryDirectory(prefix="ikv-passkey-") as scratch:
+        for length in lengths:
+            for depth in depths:
+                needle = passkey(loaded.tokenizer, length, depth, seed=int(depth * 1000) + length)
+                cell = {"length": length, "depth": depth, "key": needle.answer}
+                archive_dir = Path(scratch) / f"{length}-{depth}"
+                cell["on"], timing = _answer(loaded, needle, config, archive_dir)
+                shutil.rmtree(archive_dir, ignore_errors=True)
+                cell["on_found"] = needle.answer in cell["on"]
+                cell["on_prefill_s"], cell["on_decode_ms"], cell["tokens"] = (
+                    round(timing["prefill_s"], 2), round(timing["decode_ms"], 1), timing["tokens"])
+                cell["off"], _ = _answer(loaded, needle, off, None)
+                cell["off_found"] = needle.answer in cell["off"]
+                if length <= unmodified_up_to:
+                    cell["unmodified"], _ = _unmodified_answer(loaded, needle)
+                    cell["unmodified_found"] = needle.answer in cell["unmodified"]
+                cells.append(cell)
+    metrics = {}
+    for length in lengths:
+        row = [c for c in cells if c["length"] == length]
+        metrics[f"found_on_at_{length}"] = receipts.metric(sum(c["on_found"] for c in row), "of %d" % len(row))
+        metrics[f"found_off_at_{length}"] = receipts.metric(sum(c["off_found"] for c in row), "of %d" % len(row))
+        if length <= unmodified_up_to:
+            metrics[f"found_unmodified_at_{length}"] = receipts.metric(
+                sum(c["unmodified_found"] for c in row), "of %d" % len(row))
+    if heatmap is not None:
+        _draw_heatmap(cells, lengths, depths, heatmap)
+    return {"config": {**asdict(config), "lengths": list(lengths), "depths": list(depths)},
+            "outputs": {"cells": cells, "heatmap": receipts.portable_path(heatmap) if heatmap else None},
+            "metrics": metrics}
+
+
+def _draw_heatmap(cells, lengths, depths, path: Path) -> None:
+    """Found (1) / missed (0) per length x depth, retrieval on and off side by side, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plot is optional; the receipt holds every cell
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3 + 0.3 * len(lengths)))
+    for axis, key, title in ((axes[0], "on_found", "retrieval on"), (axes[1], "off_found", "retrieval off")):
+        grid = np.array([[next(c[key] for c in cells if c["length"] == n and c["depth"] == d) for d in depths]
+                         for n in lengths], dtype=float)
+        axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        axis.set_xticks(range(len(depths)), [f"{d:.1f}" for d in depths])
+        axis.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+        axis.set_xlabel("needle depth")
+        axis.set_ylabel("context tokens")
+        axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 12288) -> dict:
+    """The memory bill after reading `tokens` tokens of text into a disk archive."""
+    ids = loaded.tokenizer(english_text(tokens * 8), add_special_tokens=False)["input_ids"][:tokens]
+    with tempfile.TemporaryDirectory(prefix="ikv-memory-") as scratch:
+        archive_dir = Path(scratch) / "mem"
+        with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir),
+                    fingerprint=loaded.weights_sha256) as session:
+            session.feed(ids)
+            session.commit()
+            bill = session.memory_bill()
+        disk = sum(p.stat().st_blocks * 512 for p in archive_dir.iterdir() if p.is_file())
+    bill["archive_disk_bytes_allocated"] = disk
+    metrics = {name: receipts.metric(value, "bytes") for name, value in bill.items()
+               if name.endswith("bytes") or name.endswith("bytes_resident") or name.endswith("allocated")}
+    metrics["tokens"] = receipts.metric(bill["tokens"], "tokens")
+    metrics["cold_tokens"] = receipts.metric(bill["cold_tokens"], "tokens")
+    metrics["resident_fraction_of_fp16"] = receipts.metric(round(bill["resident_fraction_of_fp16"], 6), "fraction")
+    return {"config": {**asdict(config), "tokens": tokens}, "outputs": {"bill": bill}, "metrics": metrics,
+            "gates": {"resident_at_most_1_25_of_fp16": receipts.gate(
+                bill["resident_fraction_of_fp16"] <= 1 / 25 + 1e-12,
+                {"fraction": bill["resident_fraction_of_fp16"]})}}
+
+
+def finite(value: float) -> bool:
+    return math.isfinite(value)
