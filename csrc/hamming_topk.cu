@@ -2,11 +2,13 @@
 //
 // One thread block per (query row g, chunk of tokens); row g scores kv-head (row_offset + g) % H. The weighted
 // LUT of the row (B x 256 int32, built on the host so every backend sums the same integers) sits in shared
-// memory; hamming uses __popc on 32-bit words when B % 4 == 0, else on bytes. Output: float32 [G, N - start],
-// the top-k (with the index tie-break) is one torch.topk on packed keys in search.py.
+// memory; weights are float16 (the archive's index, widened exactly in the kernel) or float32. hamming uses __popc
+// on 32-bit words when B % 4 == 0, else on bytes. Output: float32 [G, N - start], the top-k (with the index
+// tie-break) is one torch.topk on packed keys in search.py.
 //
 // This file needs only the CUDA runtime, so `nvcc -c` compiles it without torch; hamming_topk_binding.cpp binds it.
 #include <cstdint>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace {
@@ -16,8 +18,11 @@ constexpr int kTokensPerThread = 16;  // a block scores 4096 tokens, so loading 
 
 __device__ __forceinline__ float canonical(float s) { return s == 0.0f ? 0.0f : s; }  // -0.0 -> +0.0
 
-template <bool kWords>
-__global__ void weighted_scores_kernel(const uint8_t* __restrict__ sigs, const float* __restrict__ weights,
+__device__ __forceinline__ float widen(float w) { return w; }
+__device__ __forceinline__ float widen(__half w) { return __half2float(w); }  // exact
+
+template <bool kWords, typename Weight>
+__global__ void weighted_scores_kernel(const uint8_t* __restrict__ sigs, const Weight* __restrict__ weights,
                                        const int32_t* __restrict__ luts, int64_t n_tokens, int n_heads,
                                        int n_bytes, int64_t start, int64_t row_offset, float* __restrict__ out) {
   extern __shared__ int32_t lut[];  // [B, 256]
@@ -46,7 +51,7 @@ __global__ void weighted_scores_kernel(const uint8_t* __restrict__ sigs, const f
       const uint8_t* sig = sigs + cell * n_bytes;
       for (int b = 0; b < n_bytes; ++b) acc += lut[b * 256 + sig[b]];
     }
-    out[static_cast<int64_t>(g) * n_eff + local] = canonical(__fmul_rn(weights[cell], __int2float_rn(acc)));
+    out[static_cast<int64_t>(g) * n_eff + local] = canonical(__fmul_rn(widen(weights[cell]), __int2float_rn(acc)));
   }
 }
 
@@ -89,22 +94,37 @@ dim3 grid_for(int64_t n_eff, int n_rows) {
   return dim3(static_cast<unsigned>((n_eff + per_block - 1) / per_block), static_cast<unsigned>(n_rows));
 }
 
+template <typename Weight>
+cudaError_t launch_weighted(const uint8_t* sigs, const Weight* weights, const int32_t* luts, int64_t n_tokens,
+                            int n_heads, int n_bytes, int64_t start, int n_rows, int64_t row_offset, float* out,
+                            cudaStream_t stream) {
+  if (n_tokens <= start || n_rows == 0) return cudaSuccess;
+  const size_t shared = static_cast<size_t>(n_bytes) * 256 * sizeof(int32_t);
+  const dim3 grid = grid_for(n_tokens - start, n_rows);
+  if (n_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(sigs) % 4 == 0)
+    weighted_scores_kernel<true, Weight><<<grid, kThreads, shared, stream>>>(sigs, weights, luts, n_tokens, n_heads,
+                                                                              n_bytes, start, row_offset, out);
+  else
+    weighted_scores_kernel<false, Weight><<<grid, kThreads, shared, stream>>>(sigs, weights, luts, n_tokens, n_heads,
+                                                                               n_bytes, start, row_offset, out);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 // sigs: [N, H, B] uint8; weights: [N, H] float32; luts: [G, B, 256] int32; out: [G, N - start] float32.
 cudaError_t ikv_weighted_scores(const uint8_t* sigs, const float* weights, const int32_t* luts, int64_t n_tokens,
                                 int n_heads, int n_bytes, int64_t start, int n_rows, int64_t row_offset, float* out,
                                 cudaStream_t stream) {
-  if (n_tokens <= start || n_rows == 0) return cudaSuccess;
-  const size_t shared = static_cast<size_t>(n_bytes) * 256 * sizeof(int32_t);
-  const dim3 grid = grid_for(n_tokens - start, n_rows);
-  if (n_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(sigs) % 4 == 0)
-    weighted_scores_kernel<true><<<grid, kThreads, shared, stream>>>(sigs, weights, luts, n_tokens, n_heads, n_bytes,
-                                                                      start, row_offset, out);
-  else
-    weighted_scores_kernel<false><<<grid, kThreads, shared, stream>>>(sigs, weights, luts, n_tokens, n_heads,
-                                                                       n_bytes, start, row_offset, out);
-  return cudaGetLastError();
+  return launch_weighted(sigs, weights, luts, n_tokens, n_heads, n_bytes, start, n_rows, row_offset, out, stream);
+}
+
+// As above with weights [N, H] float16, given as their bits (the archive's index).
+cudaError_t ikv_weighted_scores_half(const uint8_t* sigs, const uint16_t* weights, const int32_t* luts,
+                                     int64_t n_tokens, int n_heads, int n_bytes, int64_t start, int n_rows,
+                                     int64_t row_offset, float* out, cudaStream_t stream) {
+  return launch_weighted(sigs, reinterpret_cast<const __half*>(weights), luts, n_tokens, n_heads, n_bytes, start,
+                         n_rows, row_offset, out, stream);
 }
 
 // sigs: [N, H, B] uint8; qbits: [G, B] uint8; out: [G, N - start] float32.

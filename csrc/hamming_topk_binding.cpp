@@ -6,6 +6,9 @@
 cudaError_t ikv_weighted_scores(const uint8_t* sigs, const float* weights, const int32_t* luts, int64_t n_tokens,
                                 int n_heads, int n_bytes, int64_t start, int n_rows, int64_t row_offset, float* out,
                                 cudaStream_t stream);
+cudaError_t ikv_weighted_scores_half(const uint8_t* sigs, const uint16_t* weights, const int32_t* luts,
+                                     int64_t n_tokens, int n_heads, int n_bytes, int64_t start, int n_rows,
+                                     int64_t row_offset, float* out, cudaStream_t stream);
 cudaError_t ikv_hamming_scores(const uint8_t* sigs, const uint8_t* qbits, int64_t n_tokens, int n_heads, int n_bytes,
                                int64_t start, int n_rows, int64_t row_offset, float* out, cudaStream_t stream);
 
@@ -21,14 +24,16 @@ void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "ikv kernel
 
 }  // namespace
 
-// weights: [N, H] float32; luts: [G, B, 256] int32 (row g is for head (row_offset + g) % H) -> [G, N - start]
+// weights: [N, H] float16 (the archive's index) or float32; luts: [G, B, 256] int32 (row g is for head
+// (row_offset + g) % H) -> [G, N - start]
 torch::Tensor weighted_scores(torch::Tensor sigs, torch::Tensor weights, torch::Tensor luts, int64_t start,
                               int64_t row_offset) {
   check_signatures(sigs, start);
   const int64_t n = sigs.size(0), h = sigs.size(1), b = sigs.size(2);
-  TORCH_CHECK(weights.is_cuda() && weights.is_contiguous() && weights.scalar_type() == torch::kFloat32 &&
+  const bool half = weights.scalar_type() == torch::kHalf;
+  TORCH_CHECK(weights.is_cuda() && weights.is_contiguous() && (half || weights.scalar_type() == torch::kFloat32) &&
                   weights.dim() == 2 && weights.size(0) == n && weights.size(1) == h,
-              "weights must be a contiguous CUDA float32 [N, H] tensor");
+              "weights must be a contiguous CUDA float16 or float32 [N, H] tensor");
   TORCH_CHECK(luts.is_cuda() && luts.is_contiguous() && luts.scalar_type() == torch::kInt32 && luts.dim() == 3 &&
                   luts.size(1) == b && luts.size(2) == 256,
               "luts must be a contiguous CUDA int32 [G, B, 256] tensor");
@@ -36,9 +41,16 @@ torch::Tensor weighted_scores(torch::Tensor sigs, torch::Tensor weights, torch::
   TORCH_CHECK(luts.size(0) <= 65535, "at most 65535 query rows per call");
   const c10::cuda::CUDAGuard guard(sigs.device());
   auto out = torch::empty({luts.size(0), n - start}, sigs.options().dtype(torch::kFloat32));
-  check_launch(ikv_weighted_scores(sigs.data_ptr<uint8_t>(), weights.data_ptr<float>(), luts.data_ptr<int32_t>(), n,
-                                   static_cast<int>(h), static_cast<int>(b), start, static_cast<int>(luts.size(0)),
-                                   row_offset, out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  const int g = static_cast<int>(luts.size(0));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (half)
+    check_launch(ikv_weighted_scores_half(sigs.data_ptr<uint8_t>(), static_cast<const uint16_t*>(weights.data_ptr()),
+                                          luts.data_ptr<int32_t>(), n, static_cast<int>(h), static_cast<int>(b), start,
+                                          g, row_offset, out.data_ptr<float>(), stream));
+  else
+    check_launch(ikv_weighted_scores(sigs.data_ptr<uint8_t>(), weights.data_ptr<float>(), luts.data_ptr<int32_t>(), n,
+                                     static_cast<int>(h), static_cast<int>(b), start, g, row_offset,
+                                     out.data_ptr<float>(), stream));
   return out;
 }
 

@@ -6,13 +6,15 @@ One interface, interchangeable backends (like faiss `index.search`), all equal t
     scores, ids = search_many(signatures, weights, queries_qhd, k)   # [Q, H, k'], [Q, H, k']
 
     signatures  uint8   [N, H, B]   sign bits of the key codes, packed little-endian (codec.signatures_from_records)
-    weights     float32 [N, H]      codec.key_mean_abs; finite; unused (may be None) in hamming mode
+    weights     float16 [N, H]      key_mean_abs as the archive's index holds it (archive.key_weights); float32 is
+                                    accepted too; finite; unused (may be None) in hamming mode
     queries     float32 [H, D]      D = 8B, one query per kv-head, already in the signature's rotated basis
 
 Scores, higher is better (bit = 1 means the key code is negative, its sign s = 1 - 2*bit):
 
     "hamming":   score = -popcount(sig XOR qbits), qbits = (q < 0) packed the same way
-    "weighted":  score = float32(weights[n, h]) * float32(isum[n, h]), the default
+    "weighted":  score = float32(weights[n, h]) * float32(isum[n, h]), the default; float32(w) of a float16 weight
+                 is its exact widening (every backend reads the float16 as is and widens it itself)
                  isum  = sum_d qi[h, d] * s[n, h, d]   (exact int32 arithmetic)
                  qi    = rint(float64(q[h, d]) * 2**16 / max_d |float64(q[h, d])|)   (0 for an all-zero query)
                  an asymmetric estimate of the dot product q . x ~ |x|_mean * (q . sign(x)): it ranks dot products
@@ -37,8 +39,9 @@ from pathlib import Path
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 MODES = ("weighted", "hamming")
 BACKENDS = ("auto", "numpy", "numba", "faiss", "cuda")
@@ -101,7 +104,8 @@ def _check(signatures, weights, queries, k, mode, backend, exclude_before):
     if not np.isfinite(queries).all():
         raise ValueError("queries must be finite")
     if mode == "weighted":
-        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        weights = np.asarray(weights)  # float16 stays float16 (no copy of the index); anything else -> float32
+        weights = np.ascontiguousarray(weights, dtype=np.float16 if weights.dtype == np.float16 else np.float32)
         if weights.shape != (n, n_heads):
             raise ValueError(f"weights must be [{n}, {n_heads}], got {weights.shape}")
     if int(k) < 0 or int(exclude_before) < 0:
@@ -154,7 +158,7 @@ def _search_numpy(sigs, weights, queries, k, mode, start):
             if mode == "weighted":
                 signs = 1.0 - 2.0 * np.unpackbits(block, axis=-1, bitorder="little")
                 isum = (signs @ qi[h]).astype(np.int64)
-                s = weights[lo:hi, h] * isum.astype(np.float32)
+                s = weights[lo:hi, h].astype(np.float32) * isum.astype(np.float32)
             else:
                 s = -np.unpackbits(block ^ qbits[h], axis=-1).sum(axis=-1).astype(np.float32)
             scores[h, lo - start : hi - start] = s
@@ -216,9 +220,47 @@ def _popcount64(typingctx, x):
     return types.uint64(types.uint64), codegen
 
 
+@intrinsic
+def _float32_from_bits(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@nb.njit(inline="always")
+def _half_bits_to_float32(bits):
+    # IEEE 754 binary16 bits -> the same value as float32, exactly (numba has no float16); no float arithmetic
+    # on subnormal float32s, so flush-to-zero settings cannot change it
+    h = np.uint32(bits)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mantissa = h & np.uint32(0x3FF)
+    if exponent == 0:  # zero or subnormal: mantissa * 2**-24, zero or a normal float32
+        value = np.float32(mantissa) * np.float32(2.0**-24)
+        return -value if sign else value
+    if exponent == 31:  # inf, nan (payload kept, as numpy widens it)
+        return _float32_from_bits(np.uint32(sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))))
+    return _float32_from_bits(np.uint32(sign | ((exponent + np.uint32(112)) << np.uint32(23))
+                                        | (mantissa << np.uint32(13))))
+
+
+def _weight_as_float32(w):
+    """A weight read from the kernel's weights array -> float32: float16 bits (uint16) widened, float32 as is."""
+
+
+@overload(_weight_as_float32, inline="always")
+def _weight_as_float32_impl(w):
+    if w == types.uint16:
+        return lambda w: _half_bits_to_float32(w)
+    if w == types.float32:
+        return lambda w: w
+    return None
+
+
 @nb.njit(parallel=True, cache=True)
 def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, out_s, out_i):
-    # sigs: [N, H, B] uint8; weights: [N, H] float32; luts: [G, B, 256] int32, row g scores head g % H
+    # sigs: [N, H, B] uint8; weights: [N, H] float32, or uint16 holding float16 bits (widened per row here)
+    # luts: [G, B, 256] int32, row g scores head g % H
     # use_words (hamming, B % 8 == 0) skips the LUT: popcount of words = sigs viewed [N, H, B/8] uint64 XOR
     # qwords [G, B/8] uint64 (both unused dummies otherwise)
     # out_s, out_i: [G, C, k] one heap per (row, chunk); unfilled slots keep (-inf, int64 max)
@@ -243,7 +285,7 @@ def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, star
                     acc += lut[b, sigs[i, h, b]]
             s = np.float32(acc)
             if use_weights:
-                s = weights[i, h] * s
+                s = _weight_as_float32(weights[i, h]) * s
             if s == 0:
                 s = np.float32(0.0)
             if size == k and s <= hs[0]:  # rows arrive in index order: a tie with the root is never better
@@ -284,11 +326,14 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None):
         words, qwords = sigs.view(np.uint64), query_bits(queries).view(np.uint64)
     else:
         words, qwords = np.zeros((1, 1, 1), np.uint64), np.zeros((1, 1), np.uint64)
+    if not use_weights:
+        weights = np.zeros((1, 1), np.float32)
+    elif weights.dtype == np.float16:
+        weights = weights.view(np.uint16)  # widened per row inside the kernel: the index is never copied
     if len(queries) * (n - start) < SERIAL_CELLS:
         nb.set_num_threads(1)  # runs on the calling thread: waking the pool would cost more than the scan
     try:
-        _chunk_topk(sigs, weights if use_weights else np.zeros((1, 1), np.float32), luts, use_words, words, qwords,
-                    use_weights, start, chunk, cand_s, cand_i)
+        _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, cand_s, cand_i)
     finally:
         nb.set_num_threads(threads)
     scores = np.empty((len(queries), k), np.float32)

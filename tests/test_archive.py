@@ -58,8 +58,10 @@ def assert_serves(arc: Archive, per_layer: list[np.ndarray]) -> None:
         assert sigs.flags.c_contiguous and sigs.dtype == np.uint8
         np.testing.assert_array_equal(sigs, codec.signatures_from_records(expected, HEAD_DIM))
         weights = arc.key_weights(layer)
-        assert weights.dtype == np.float32
-        np.testing.assert_array_equal(weights, codec.key_mean_abs(expected, HEAD_DIM))
+        assert weights.dtype == np.float16  # the record's field, bit for bit (nan payloads of random bytes too)
+        np.testing.assert_array_equal(weights.view(np.uint16),
+                                      codec.record_fields(expected, HEAD_DIM)[2][..., 1].view(np.uint16))
+        np.testing.assert_array_equal(weights.astype(np.float32), codec.key_mean_abs(expected, HEAD_DIM))
 
 
 def make_archive(path, n_committed: int, n_tail: int = 0, seed: int = 0, block_tokens: int = 16):
@@ -154,6 +156,22 @@ def test_signature_index_is_contiguous_and_grows_by_doubling_not_per_append(tmp_
             buffers.add(id(sigs.base))
         assert arc.signatures(1).shape == (2000, 2, HEAD_DIM // 8)
         assert len(buffers) <= 8, f"the signature index was reallocated {len(buffers)} times in 2000 appends"
+
+
+def test_resident_index_is_at_most_one_25th_of_the_fp16_kv_it_replaces():
+    # head_dim 64: fp16 key + value = 256 bytes per (layer, kv-head, token); the index in RAM must be <= 10.24
+    d = 64
+    layout = Layout(n_layers=2, n_kv_heads=4, head_dim=d, record_bytes=codec.record_bytes(d))
+    rng = np.random.default_rng(17)
+    flat = codec.encode_records(rng.standard_normal((100 * 4, d)), rng.standard_normal((100 * 4, d)))
+    arc = Archive.create(None, layout, FINGERPRINT, mode="ram")
+    for layer in range(layout.n_layers):
+        arc.append(layer, flat.reshape(100, 4, -1))
+    for layer in range(layout.n_layers):
+        sigs, weights = arc.signatures(layer), arc.key_weights(layer)
+        assert weights.dtype == np.float16 and weights.shape == (100, 4)
+        per_record = (sigs.nbytes + weights.nbytes) / (100 * 4)
+        assert per_record == 10 and per_record <= 2 * d * 2 / 25
 
 
 def test_state_round_trips_dtypes_shapes_and_meta_and_is_empty_before_the_first_commit(tmp_path):

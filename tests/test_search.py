@@ -16,10 +16,10 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MODES = ("weighted", "hamming")
 
 
-def random_archive(n, n_heads=3, n_bytes=8, seed=0, duplicates=False):
+def random_archive(n, n_heads=3, n_bytes=8, seed=0, duplicates=False, weight_dtype=np.float32):
     rng = np.random.default_rng(seed)
     sigs = rng.integers(0, 256, (n, n_heads, n_bytes), dtype=np.uint8)
-    weights = rng.random((n, n_heads), dtype=np.float32)
+    weights = rng.random((n, n_heads), dtype=np.float32).astype(weight_dtype)
     if duplicates:  # equal tokens have identical pre-RoPE keys at layer 0: whole runs of identical records
         source = rng.integers(0, max(1, n // 50), n)
         sigs, weights = sigs[source].copy(), weights[source].copy()
@@ -47,6 +47,39 @@ def test_numba_equals_numpy_reference_including_ties(mode, duplicates, n_bytes):
     want = search(sigs, weights, queries, 100, mode=mode, backend="numpy")
     assert_same(search(sigs, weights, queries, 100, mode=mode, backend="numba"), want)
     assert_rows_best_first(*want)
+
+
+@pytest.mark.parametrize("duplicates", [False, True], ids=["random", "many_ties"])
+@pytest.mark.parametrize("n_bytes", [8, 5])
+def test_numba_equals_numpy_with_float16_weights_as_the_archive_holds_them(duplicates, n_bytes):
+    sigs, weights, queries = random_archive(3000, n_bytes=n_bytes, duplicates=duplicates, seed=16,
+                                            weight_dtype=np.float16)
+    weights[::11] = 0
+    weights[1::11] = np.float16(6e-6)  # subnormal float16s widen exactly too
+    weights[2::11] = np.float16(3e-3)  # one weight on many rows: equal isums give equal scores
+    weights.setflags(write=False)  # like archive.key_weights
+    want = search(sigs, weights, queries, 200, backend="numpy", exclude_before=3)
+    assert_same(search(sigs, weights, queries, 200, backend="numba", exclude_before=3), want)
+    assert_same(S._search_numba(sigs, weights, queries, 200, "weighted", 3, chunk=97), want)  # ties across chunks
+    # the score uses the exact widening of each float16: float32 weights of the same values score the same
+    assert_same(search(sigs, weights.astype(np.float32), queries, 200, backend="numba", exclude_before=3), want)
+    assert_rows_best_first(*want)
+    if duplicates:
+        assert (want[0][:, 1:] == want[0][:, :-1]).any()  # ties were there to break
+
+
+def test_float16_weights_widen_exactly_for_every_bit_pattern():
+    import numba as nb
+
+    @nb.njit
+    def widen(w, out):
+        for i in range(w.shape[0]):
+            out[i] = S._weight_as_float32(w[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(1 << 16, np.float32)
+    widen(bits, out)
+    np.testing.assert_array_equal(out.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -232,9 +265,11 @@ def cuda_available():
 @pytest.mark.skipif(not cuda_available(), reason="needs torch with a CUDA device")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n_bytes", [8, 5])  # word and byte paths of the kernel
-def test_cuda_backend_equals_numpy(mode, n_bytes):
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
+def test_cuda_backend_equals_numpy(mode, n_bytes, weight_dtype):
     for duplicates in (False, True):
-        sigs, weights, queries = random_archive(20000, n_bytes=n_bytes, duplicates=duplicates, seed=12)
+        sigs, weights, queries = random_archive(20000, n_bytes=n_bytes, duplicates=duplicates, seed=12,
+                                                weight_dtype=weight_dtype)
         weights[::7] = 0
         for k, start in [(256, 0), (100, 19999), (50, 5)]:
             assert_same(search(sigs, weights, queries, k, mode=mode, backend="cuda", exclude_before=start),
@@ -257,7 +292,7 @@ class LutKernelOnCpu:
         rows = []
         for lut, h in zip(luts, heads):
             isum = lut[np.arange(sigs.shape[2]), sigs[start:, h]].sum(axis=1)  # [N - start]
-            rows.append(weights[start:, h] * isum.astype(np.float32))
+            rows.append(weights[start:, h].astype(np.float32) * isum.astype(np.float32))
         scores = np.stack(rows) + np.float32(0)  # -0.0 -> +0.0 as the kernel does
         return self.torch.from_numpy(scores.reshape(len(luts), -1))
 
@@ -269,10 +304,11 @@ class LutKernelOnCpu:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_backend_glue_equals_numpy_with_a_cpu_stand_in_for_the_kernel(mode, monkeypatch):
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
+def test_cuda_backend_glue_equals_numpy_with_a_cpu_stand_in_for_the_kernel(mode, weight_dtype, monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(S, "CUDA_PASS_BYTES", 12 * 1000 * 4)  # 4 query rows per pass: passes split a head group
-    sigs, weights, _ = random_archive(1011, duplicates=True, seed=14)
+    sigs, weights, _ = random_archive(1011, duplicates=True, seed=14, weight_dtype=weight_dtype)
     weights[::5] = 0
     sigs.setflags(write=False)  # like an archive memmap
     queries = np.random.default_rng(15).standard_normal((3, 3, 64)).astype(np.float32)
