@@ -40,7 +40,6 @@ class RetrievalConfig:
     evict_batch: int = 64  # the window may overshoot by this much before a batch moves to the cold tier
     search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
     search_backend: str = "auto"
-    rerank: str = "max"
     rotation_seed: int = 0
 
     def max_compact_position(self) -> int:
@@ -48,15 +47,68 @@ class RetrievalConfig:
         return self.sinks + self.top_k_cold + self.hot_window + self.evict_batch + self.chunk_size
 
 
-@dataclass
 class LayerMemory:
-    """The hot tier of one layer, pre-RoPE. Cold tokens live in the archive; cold token i is position sinks + i."""
+    """The hot tier of one layer, pre-RoPE. Cold tokens live in the archive; cold token i is position sinks + i.
 
-    sink_k: torch.Tensor  # [Hk, s, D]
-    sink_v: torch.Tensor
-    window_k: torch.Tensor  # [Hk, w, D]
-    window_v: torch.Tensor
-    key_mean: np.ndarray | None = None  # [Hk, D] float32, fixed at the first eviction (the signature centre mu)
+    The window lives in a buffer with spare capacity so a decode step appends in place. `decode_view` caches the
+    RoPE'd keys of sinks and window at their compact positions; they stay valid until the layout changes (a sink is
+    added, the number of retrieved tokens changes, or a batch is spilled), so a decode step rotates one new key and
+    the retrieved ones instead of the whole window.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, device, dtype):
+        empty = torch.zeros(n_heads, 0, head_dim, device=device, dtype=dtype)
+        self.sink_k = empty  # [Hk, s, D]
+        self.sink_v = empty
+        self._window_k = empty  # [Hk, capacity, D]; the first window_len are live
+        self._window_v = empty
+        self.window_len = 0
+        self.key_mean: np.ndarray | None = None  # [Hk, D] float32, fixed at the first spill: the signature centre mu
+        self.decode_view: DecodeView | None = None
+
+    @property
+    def window_k(self) -> torch.Tensor:  # [Hk, w, D]
+        return self._window_k[:, : self.window_len]
+
+    @property
+    def window_v(self) -> torch.Tensor:
+        return self._window_v[:, : self.window_len]
+
+    def set_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._window_k, self._window_v = k.clone(), v.clone()
+        self.window_len = k.shape[1]
+        self.decode_view = None
+
+    def append_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = self.window_len + k.shape[1]
+        if end > self._window_k.shape[1]:
+            capacity = max(end, 2 * self._window_k.shape[1])
+            grown_k = self._window_k.new_empty(k.shape[0], capacity, k.shape[2])
+            grown_v = self._window_v.new_empty(k.shape[0], capacity, k.shape[2])
+            grown_k[:, : self.window_len] = self.window_k
+            grown_v[:, : self.window_len] = self.window_v
+            self._window_k, self._window_v = grown_k, grown_v
+        self._window_k[:, self.window_len : end] = k
+        self._window_v[:, self.window_len : end] = v
+        self.window_len = end
+
+    def drop_oldest(self, n: int) -> None:
+        remaining = self.window_len - n
+        self._window_k[:, :remaining] = self._window_k[:, n : self.window_len].clone()
+        self._window_v[:, :remaining] = self._window_v[:, n : self.window_len].clone()
+        self.window_len = remaining
+        self.decode_view = None
+
+
+@dataclass
+class DecodeView:
+    """RoPE'd keys and values laid out as [sinks | retrieved slots | window | spare], for one-token steps."""
+
+    keys: torch.Tensor  # [Hk, capacity, D]
+    values: torch.Tensor
+    sinks: int
+    retrieved: int
+    window: int  # window tokens already in place
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,11 +156,10 @@ def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarra
     )  # [n_blocks, Hk, L]
     records = archive.records(layer)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
-    if config.rerank == "max":  # max over the block's queries and every query head of the group
-        rerank = codec.score_shortlist(records, shortlist, q_rotated.reshape(n_heads, length * group, head_dim),
-                                       starts * group)
-    else:
-        rerank = codec.score_shortlist(records, shortlist, q_summed, starts)
+    # max over the block's queries and every query head of the group: one head's strong interest (an induction
+    # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
+    rerank = codec.score_shortlist(records, shortlist, q_rotated.reshape(n_heads, length * group, head_dim),
+                                   starts * group)
     # best score first, ties to the lower token id (equal tokens have equal pre-RoPE keys at layer 0)
     order = np.lexsort((shortlist, -rerank), axis=-1)[..., :retrieved]
     chosen_ids = np.sort(np.take_along_axis(shortlist, order, axis=-1), axis=-1)  # [n_blocks, Hk, r]
@@ -132,6 +183,13 @@ def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: Lay
 
     blocks = select_blocks(length, config.select_block if length > 1 else 1)
     retrieved = min(config.top_k_cold, len(archive.signatures(layer))) if config.top_k_cold > 0 else 0
+    cos, sin = rope
+    if length == 1:
+        out = decode_step(attn, memory, archive, config, rotation, rope, q, k, v, retrieved)
+        counters["retrieved_tokens"] = counters.get("retrieved_tokens", 0) + retrieved * n_kv_heads
+        update_hot_tier(memory, k, v, archive, layer, config, rotation)
+        return attn.o_proj(out.transpose(1, 2).reshape(1, length, n_q_heads * head_dim))
+    memory.decode_view = None
     context_k = [memory.sink_k]
     context_v = [memory.sink_v]
     positions = [torch.arange(s)]
@@ -149,7 +207,6 @@ def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: Lay
     positions += [torch.arange(s + retrieved, first_chunk_position),
                   torch.arange(first_chunk_position, first_chunk_position + length)]
     key_positions = torch.cat(positions).to(device)
-    cos, sin = rope
     keys = apply_rope(torch.cat(context_k, dim=1), cos[key_positions], sin[key_positions])
     values = torch.cat(context_v, dim=1)
     query_positions = key_positions[-length:]
@@ -172,6 +229,40 @@ def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: Lay
     return attn.o_proj(out.transpose(1, 2).reshape(1, length, n_q_heads * head_dim))
 
 
+def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope, q, k, v,
+                retrieved: int) -> torch.Tensor:
+    """One new token: the same attention as the chunk path, reusing the cached RoPE'd sinks and window."""
+    n_kv_heads, _, head_dim = k.shape
+    s, w = memory.sink_k.shape[1], memory.window_len
+    cos, sin = rope
+    view = memory.decode_view
+    if view is None or (view.sinks, view.retrieved, view.window) != (s, retrieved, w):
+        capacity = s + retrieved + w + config.evict_batch + 1
+        keys = k.new_empty(n_kv_heads, capacity, head_dim)
+        values = v.new_empty(n_kv_heads, capacity, head_dim)
+        keys[:, :s] = apply_rope(memory.sink_k, cos[:s], sin[:s])
+        values[:, :s] = memory.sink_v
+        start = s + retrieved
+        keys[:, start : start + w] = apply_rope(memory.window_k, cos[start : start + w], sin[start : start + w])
+        values[:, start : start + w] = memory.window_v
+        view = memory.decode_view = DecodeView(keys, values, s, retrieved, w)
+    if retrieved:
+        q_grouped = q.detach().float().view(n_kv_heads, -1, 1, head_dim).transpose(1, 2).cpu().numpy()
+        cold_k, cold_v, _ = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation)
+        view.keys[:, s : s + retrieved] = apply_rope(torch.from_numpy(cold_k[0]).to(k.device, k.dtype),
+                                                     cos[s : s + retrieved], sin[s : s + retrieved])
+        view.values[:, s : s + retrieved] = torch.from_numpy(cold_v[0]).to(v.device, v.dtype)
+    position = s + retrieved + w
+    view.keys[:, position : position + 1] = apply_rope(k, cos[position : position + 1], sin[position : position + 1])
+    view.values[:, position : position + 1] = v
+    view.window = w + 1  # update_hot_tier appends this token to the window next (or resets the view)
+    queries = apply_rope(q, cos[position : position + 1], sin[position : position + 1])
+    return F.scaled_dot_product_attention(
+        queries[None], view.keys[None, :, : position + 1], view.values[None, :, : position + 1], scale=attn.scaling,
+        enable_gqa=q.shape[0] != n_kv_heads,
+    )  # [1, Hq, 1, D]
+
+
 def update_hot_tier(memory: LayerMemory, k: torch.Tensor, v: torch.Tensor, archive, layer: int,
                     config: RetrievalConfig, rotation: np.ndarray) -> None:
     """Append the chunk to the hot tier; spill the oldest window tokens to the cold tier in batches."""
@@ -180,9 +271,8 @@ def update_hot_tier(memory: LayerMemory, k: torch.Tensor, v: torch.Tensor, archi
         memory.sink_k = torch.cat([memory.sink_k, k[:, :missing_sinks]], dim=1)
         memory.sink_v = torch.cat([memory.sink_v, v[:, :missing_sinks]], dim=1)
         k, v = k[:, missing_sinks:], v[:, missing_sinks:]
-    memory.window_k = torch.cat([memory.window_k, k], dim=1)
-    memory.window_v = torch.cat([memory.window_v, v], dim=1)
-    w = memory.window_k.shape[1]
+    memory.append_window(k, v)
+    w = memory.window_len
     if w < config.hot_window + config.evict_batch:
         return
     spill = w - config.hot_window
@@ -196,5 +286,4 @@ def update_hot_tier(memory: LayerMemory, k: torch.Tensor, v: torch.Tensor, archi
     centred_rotated = (spilled_k - memory.key_mean[None]) @ rotation.T
     records = codec.encode_records(centred_rotated.reshape(n * n_heads, head_dim), spilled_v.reshape(n * n_heads, head_dim))
     archive.append(layer, records.reshape(n, n_heads, -1))
-    memory.window_k = memory.window_k[:, spill:].contiguous()
-    memory.window_v = memory.window_v[:, spill:].contiguous()
+    memory.drop_oldest(spill)

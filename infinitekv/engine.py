@@ -64,8 +64,8 @@ class Session:
         self.counters = Counters()
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        empty = torch.zeros(self.layout.n_kv_heads, 0, self.layout.head_dim, device=self.device, dtype=self.dtype)
-        self.memories = [LayerMemory(empty, empty, empty, empty) for _ in range(self.layout.n_layers)]
+        self.memories = [LayerMemory(self.layout.n_kv_heads, self.layout.head_dim, self.device, self.dtype)
+                         for _ in range(self.layout.n_layers)]
         self.rotation = codec.rotation_matrix(self.layout.head_dim, config.rotation_seed)
         self.token_ids: list[int] = []
         self.transcript = ""  # the text whose tokens are in the cache, for continuing chat turns
@@ -210,8 +210,10 @@ class Session:
         self.rotation = arrays["rotation"]
         self.token_ids = arrays["token_ids"].tolist()
         for index, memory in enumerate(self.memories):
-            for name in ("sink_k", "sink_v", "window_k", "window_v"):
-                setattr(memory, name, torch.from_numpy(arrays[f"layer{index}.{name}"]).to(self.device, self.dtype))
+            tensors = {name: torch.from_numpy(arrays[f"layer{index}.{name}"]).to(self.device, self.dtype)
+                       for name in ("sink_k", "sink_v", "window_k", "window_v")}
+            memory.sink_k, memory.sink_v = tensors["sink_k"], tensors["sink_v"]
+            memory.set_window(tensors["window_k"], tensors["window_v"])
             memory.key_mean = arrays.get(f"layer{index}.key_mean")
         self.transcript = meta["transcript"]
         self.messages = meta["messages"]
