@@ -46,6 +46,7 @@ from numba.extending import intrinsic, overload
 MODES = ("weighted", "hamming")
 BACKENDS = ("auto", "numpy", "numba", "faiss", "cuda")
 QUERY_BITS = 16  # qi = rint(q * 2**QUERY_BITS / max|q|)
+DENSE_RATIO = 32  # N <= 32 k: score every token, then one top-k (heaps would churn)
 SERIAL_CELLS = 1 << 17  # numba scans of fewer (query row, token) cells than this stay on one thread (~1 ms)
 CUDA_PASS_BYTES = 1 << 30  # scores and top-k keys held on the GPU at once
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -293,6 +294,36 @@ def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, star
             size = _offer(hs, hi, size, s, i)
 
 
+@nb.njit(parallel=True, cache=True)
+def _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, out):
+    # the same per-token arithmetic as _chunk_topk, but every score lands in out [G, N - start]; used when k is a
+    # large fraction of N, where heap upkeep would cost more than one vectorised top-k over all scores
+    n, n_heads, n_bytes = sigs.shape
+    n_rows = out.shape[0]
+    n_words = qwords.shape[1]
+    block = 4096
+    n_blocks = (n - start + block - 1) // block
+    for task in nb.prange(n_rows * n_blocks):
+        g = task // n_blocks
+        c = task - g * n_blocks
+        h = g % n_heads
+        lut = luts[g]
+        for i in range(start + c * block, min(n, start + (c + 1) * block)):
+            acc = 0
+            if use_words:
+                for j in range(n_words):
+                    acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
+            else:
+                for b in range(n_bytes):
+                    acc += lut[b, sigs[i, h, b]]
+            s = np.float32(acc)
+            if use_weights:
+                s = _weight_as_float32(weights[i, h]) * s
+            if s == 0:
+                s = np.float32(0.0)
+            out[g, i - start] = s
+
+
 @nb.njit(cache=True)
 def _merge_topk(cand_s, cand_i, out_s, out_i):
     # cand_*: [G, M] candidates; out_*: [G, k] the best k of each row, best first
@@ -310,8 +341,9 @@ def _merge_topk(cand_s, cand_i, out_s, out_i):
             _sift_down(hs, hi, size, 0)
 
 
-def _search_numba(sigs, weights, queries, k, mode, start, chunk=None):
-    # queries: [G, D], row g for head g % H -> scores, ids [G, k]; chunk: tokens per task (tests shorten it)
+def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None):
+    # queries: [G, D], row g for head g % H -> scores, ids [G, k]; chunk: tokens per task (tests shorten it);
+    # dense: force (True) or forbid (False) the all-scores path, None = choose by N / k
     n = sigs.shape[0]
     luts = score_luts(queries, mode)
     threads = nb.get_num_threads()
@@ -333,6 +365,12 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None):
     if len(queries) * (n - start) < SERIAL_CELLS:
         nb.set_num_threads(1)  # runs on the calling thread: waking the pool would cost more than the scan
     try:
+        if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
+            import torch
+
+            all_scores = np.empty((len(queries), n - start), np.float32)
+            _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, all_scores)
+            return topk_rows(torch.from_numpy(all_scores), k, start)
         _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, cand_s, cand_i)
     finally:
         nb.set_num_threads(threads)

@@ -60,7 +60,8 @@ def test_numba_equals_numpy_with_float16_weights_as_the_archive_holds_them(dupli
     weights.setflags(write=False)  # like archive.key_weights
     want = search(sigs, weights, queries, 200, backend="numpy", exclude_before=3)
     assert_same(search(sigs, weights, queries, 200, backend="numba", exclude_before=3), want)
-    assert_same(S._search_numba(sigs, weights, queries, 200, "weighted", 3, chunk=97), want)  # ties across chunks
+    assert_same(S._search_numba(sigs, weights, queries, 200, "weighted", 3, chunk=97, dense=False), want)  # ties across chunks
+    assert_same(S._search_numba(sigs, weights, queries, 200, "weighted", 3, dense=True), want)
     # the score uses the exact widening of each float16: float32 weights of the same values score the same
     assert_same(search(sigs, weights.astype(np.float32), queries, 200, backend="numba", exclude_before=3), want)
     assert_rows_best_first(*want)
@@ -86,8 +87,15 @@ def test_float16_weights_widen_exactly_for_every_bit_pattern():
 def test_numba_merge_across_many_chunks_keeps_index_tie_break(mode):
     sigs, weights, queries = random_archive(5000, duplicates=True, seed=1)
     want = search(sigs, weights, queries, 300, mode=mode, backend="numpy", exclude_before=7)
-    got = S._search_numba(sigs, weights, queries, 300, mode, 7, chunk=333)  # 15 chunks, ties across their edges
+    got = S._search_numba(sigs, weights, queries, 300, mode, 7, chunk=333, dense=False)  # 15 chunks, ties at edges
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_numba_all_scores_path_keeps_index_tie_break(mode):
+    sigs, weights, queries = random_archive(5000, duplicates=True, seed=3)
+    want = search(sigs, weights, queries, 300, mode=mode, backend="numpy", exclude_before=7)
+    assert_same(S._search_numba(sigs, weights, queries, 300, mode, 7, dense=True), want)
 
 
 @pytest.mark.parametrize("mode", MODES)
