@@ -109,6 +109,13 @@ def run(
         raise IKVError(f"--mode must be 'disk' or 'ram', got '{mode}'")
     if mode == "disk" and archive is None:
         raise IKVError("--mode disk needs --archive DIR (or use --mode ram)")
+    if resume and archive is None:
+        raise IKVError("--resume needs --archive pointing at an existing archive directory")
+    if resume and not archive.is_dir():
+        raise IKVError(f"archive directory {archive} does not exist; run once without --resume to create it")
+    if not resume and archive is not None and archive.exists() and any(archive.iterdir()):
+        raise IKVError(f"{archive} already exists and is not empty; pass --resume to continue its conversation "
+                       f"or choose a new --archive directory")
     document = _read_prompt(prompt, prompt_file)
     if not document and not question:
         raise IKVError("nothing to ask: pass --prompt, --prompt-file and/or --question")
@@ -246,6 +253,25 @@ def archive_unpack(
     except IKVError as err:
         fail(str(err))
     print(f"unpacked {src} into {dst}: {info['committed_tokens']:,} tokens, {_size(info['bytes'])}, checksums verified")
+
+
+@app.command()
+def haystack(
+    out: Path = typer.Option(Path("haystack.txt"), help="Where to write the document."),
+    tokens: int = typer.Option(12000, help="Document length in SmolLM2 tokens."),
+    depth: float = typer.Option(0.5, help="Where the needle sits, 0 (start) to 1 (end)."),
+    seed: int = typer.Option(0, help="Chooses the 5-digit number."),
+) -> None:
+    """Write a long natural-text document (the stdlib's own docs) with a 5-digit magic number hidden in it."""
+    from infinitekv.models import load_model
+    from infinitekv.needles import passkey
+
+    if not 0.0 <= depth <= 1.0:
+        raise IKVError(f"--depth must be between 0 and 1, got {depth}")
+    needle = passkey(load_model().tokenizer, tokens, depth, seed=seed)
+    out.write_text(needle.document, encoding="utf-8")
+    print(f"wrote {out}: about {tokens:,} tokens, magic number {needle.answer} at depth {depth}", file=sys.stderr)
+    print(f"ask: {needle.question}", file=sys.stderr)
 
 
 # ---- gates and benchmarks: each writes a receipt ----------------------------------------------------------------

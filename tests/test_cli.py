@@ -1,0 +1,75 @@
+"""`ikv` as a user meets it: bad input gets one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def ikv(*args, cwd=None):
+    done = subprocess.run([sys.executable, "-m", "infinitekv", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(code, stderr, *needles):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("ikv: error:")]
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_prompt_file_names_the_file(tmp_path):
+    code, _, err = ikv("run", "--mode", "ram", "--prompt-file", str(tmp_path / "nope.txt"), "--question", "q")
+    assert_one_line_error(code, err, "nope.txt", "does not exist")
+
+
+def test_disk_mode_without_archive_says_how_to_fix():
+    code, _, err = ikv("run", "--prompt", "hello")
+    assert_one_line_error(code, err, "--archive")
+
+
+def test_resume_of_a_missing_archive_is_refused(tmp_path):
+    code, _, err = ikv("run", "--archive", str(tmp_path / "missing"), "--resume", "--question", "q")
+    assert_one_line_error(code, err, "does not exist", "without --resume")
+
+
+def test_existing_directory_is_not_overwritten_without_resume(tmp_path):
+    (tmp_path / "mem").mkdir()
+    (tmp_path / "mem" / "notes.txt").write_text("mine")
+    code, _, err = ikv("run", "--archive", str(tmp_path / "mem"), "--prompt", "hello")
+    assert_one_line_error(code, err, "not empty", "--resume")
+    assert (tmp_path / "mem" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_top_k_value_is_refused():
+    code, _, err = ikv("run", "--mode", "ram", "--prompt", "hi", "--top-k-cold", "lots")
+    assert_one_line_error(code, err, "--top-k-cold")
+
+
+def test_unknown_model_path_is_refused(tmp_path):
+    code, _, err = ikv("run", "--mode", "ram", "--prompt", "hi", "--model", str(tmp_path / "no-such-model"))
+    assert_one_line_error(code, err, "not found")
+
+
+def test_directory_without_config_is_not_a_model(tmp_path):
+    code, _, err = ikv("run", "--mode", "ram", "--prompt", "hi", "--model", str(tmp_path))
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    code, _, err = ikv("run", "--mode", "ram", "--prompt", "hi", "--model", str(tmp_path / "gpt2"))
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+
+
+def test_inspect_of_a_non_archive_is_one_line(tmp_path):
+    code, _, err = ikv("inspect", str(tmp_path))
+    assert_one_line_error(code, err)

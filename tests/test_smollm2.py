@@ -1,0 +1,113 @@
+"""Integration on the real SmolLM2-135M-Instruct (trained to 8,192 tokens), on 2 CPU cores.
+
+The wall: a 12,000-token natural-text document with a 5-digit number hidden in it. Retrieval from a disk archive must
+answer; with cold retrieval off (sinks + window only) the number must be absent from the answer.
+Select the long ones with `-m slow`, skip them with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from infinitekv.attention import RetrievalConfig
+from infinitekv.bench import gate_equivalence
+from infinitekv.engine import enable
+from infinitekv.needles import passkey
+from infinitekv.receipts import verify_receipt
+
+pytestmark = pytest.mark.smollm2
+WALL_TOKENS = 12000
+
+
+def answer(loaded, needle, config, archive=None):
+    with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=archive,
+                mode="disk" if archive else "ram", fingerprint=loaded.weights_sha256) as session:
+        text = session.ask(needle.question, needle.document, max_new_tokens=20)
+        cold = len(session.archive.signatures(0))
+        total = len(session.token_ids)
+    return text, cold, total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [0.1, 0.9])
+def test_passkey_past_trained_window_is_answered_from_the_disk_archive(smollm2, depth, tmp_path):
+    needle = passkey(smollm2.tokenizer, WALL_TOKENS, depth)
+    text, cold, total = answer(smollm2, needle, RetrievalConfig(), archive=str(tmp_path / "mem"))
+    assert total > 12000 > 8192
+    assert cold > 10000  # the needle was in the cold tier, not the hot window
+    assert needle.answer in text, text
+
+
+@pytest.mark.slow
+def test_passkey_is_absent_without_cold_retrieval(smollm2):
+    needle = passkey(smollm2.tokenizer, WALL_TOKENS, 0.5)
+    text, _, _ = answer(smollm2, needle, RetrievalConfig(top_k_cold=0))
+    assert needle.answer not in text, text
+
+
+@pytest.mark.slow
+def test_ikv_run_answers_the_wall_and_writes_a_verifiable_receipt(tmp_path):
+    """The README's main job, end to end through the CLI: depth 0.5, default settings, disk archive."""
+    haystack = tmp_path / "haystack.txt"
+    subprocess.run([sys.executable, "-m", "infinitekv", "haystack", "--out", str(haystack), "--tokens",
+                    str(WALL_TOKENS), "--depth", "0.5"], check=True, capture_output=True, text=True)
+    receipt = tmp_path / "run.json"
+    done = subprocess.run([sys.executable, "-m", "infinitekv", "run", "--archive", str(tmp_path / "mem"),
+                           "--prompt-file", str(haystack), "--question",
+                           "What is the magic number mentioned in the text? Answer with the number.",
+                           "--max-new-tokens", "20", "--receipt", str(receipt)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr
+    from infinitekv.models import load_model
+
+    expected = passkey(load_model().tokenizer, WALL_TOKENS, 0.5).answer
+    assert expected in done.stdout, done.stdout
+    assert "prefill [" in done.stderr and "cold records" in done.stderr  # progress and the memory bill
+    assert verify_receipt(receipt).ok
+    record = json.loads(receipt.read_text())
+    assert record["outputs"]["answer"].strip() == done.stdout.strip()
+    assert record["metrics"]["cold_tokens"]["value"] > 10000
+
+
+def test_greedy_equals_unmodified_model_when_the_window_covers_everything(smollm2):
+    parts = gate_equivalence(smollm2, prompt_tokens=600, new_tokens=16)
+    assert parts["gates"]["greedy_identical"]["verdict"] == "pass", parts["gates"]
+
+
+def test_resumed_conversation_answers_like_an_uninterrupted_one_without_reprefill(smollm2, tmp_path):
+    needle = passkey(smollm2.tokenizer, 3000, 0.3, seed=7)
+    config = RetrievalConfig(hot_window=512)
+    follow_up = "Repeat the magic number once more."
+    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=config, mode="ram",
+                fingerprint=smollm2.weights_sha256) as session:
+        session.ask(needle.question, needle.document, max_new_tokens=16)
+        expected = session.ask(follow_up, max_new_tokens=16)
+    archive = str(tmp_path / "mem")
+    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=config, archive=archive,
+                fingerprint=smollm2.weights_sha256) as session:
+        session.ask(needle.question, needle.document, max_new_tokens=16)
+        session.commit()
+        archived = len(session.token_ids)
+    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=config, archive=archive, resume=True,
+                fingerprint=smollm2.weights_sha256) as session:
+        got = session.ask(follow_up, max_new_tokens=16)
+        assert session.counters.prefill_tokens < 40  # only the new turn was read, not the 3,000-token document
+        assert len(session.token_ids) > archived
+    assert got == expected
+
+
+def test_weights_are_byte_identical_after_a_session(smollm2):
+    from infinitekv.models import weights_sha256
+
+    before = weights_sha256(smollm2.model)
+    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=RetrievalConfig(hot_window=256), mode="ram",
+                fingerprint=before) as session:
+        session.ask("Say hello.", "A short document. " * 100, max_new_tokens=4)
+    assert weights_sha256(smollm2.model) == before
+    with torch.no_grad():
+        assert torch.isfinite(smollm2.model(torch.tensor([[1, 2, 3]])).logits).all()
