@@ -7,3 +7,8 @@ attends over sinks + retrieved + window with RoPE at compact positions.
 """
 
 __version__ = "0.1.0"
+
+from infinitekv.attention import RetrievalConfig  # noqa: E402
+from infinitekv.engine import Session, enable  # noqa: E402
+
+__all__ = ["RetrievalConfig", "Session", "enable", "__version__"]

@@ -3,7 +3,6 @@ metrics, gates); the CLI adds the command, environment and hash. A gate asserts;
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
@@ -95,27 +94,22 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
     }
 
 
-def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: Path | None) -> tuple[str, dict]:
+def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: Path | None) -> tuple[str, int]:
     mode = "disk" if archive_dir else "ram"
     with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir) if archive_dir
                 else None, mode=mode, fingerprint=loaded.weights_sha256) as session:
         answer = session.ask(needle.question, needle.document, max_new_tokens=24)
-        counters = session.counters
-        timing = {"prefill_s": counters.prefill_seconds, "tokens": len(session.token_ids),
-                  "decode_ms": 1000 * counters.decode_seconds / max(counters.decode_steps, 1)}
-    return answer, timing
+        return answer, len(session.token_ids)
 
 
-def _unmodified_answer(loaded: LoadedModel, needle) -> tuple[str, dict]:
+def _unmodified_answer(loaded: LoadedModel, needle) -> str:
     tokenizer = loaded.tokenizer
     messages = [{"role": "user", "content": needle.document + "\n\n" + needle.question}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
-    start = time.perf_counter()
     with torch.no_grad():
         out = loaded.model.generate(ids, max_new_tokens=24, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), {
-        "seconds": time.perf_counter() - start, "tokens": ids.shape[1]}
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 12288), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
@@ -130,15 +124,13 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
                 needle = passkey(loaded.tokenizer, length, depth, seed=int(depth * 1000) + length)
                 cell = {"length": length, "depth": depth, "key": needle.answer}
                 archive_dir = Path(scratch) / f"{length}-{depth}"
-                cell["on"], timing = _answer(loaded, needle, config, archive_dir)
+                cell["on"], cell["tokens"] = _answer(loaded, needle, config, archive_dir)
                 shutil.rmtree(archive_dir, ignore_errors=True)
                 cell["on_found"] = needle.answer in cell["on"]
-                cell["on_prefill_s"], cell["on_decode_ms"], cell["tokens"] = (
-                    round(timing["prefill_s"], 2), round(timing["decode_ms"], 1), timing["tokens"])
                 cell["off"], _ = _answer(loaded, needle, off, None)
                 cell["off_found"] = needle.answer in cell["off"]
                 if length <= unmodified_up_to:
-                    cell["unmodified"], _ = _unmodified_answer(loaded, needle)
+                    cell["unmodified"] = _unmodified_answer(loaded, needle)
                     cell["unmodified_found"] = needle.answer in cell["unmodified"]
                 cells.append(cell)
     metrics = {}
@@ -203,5 +195,54 @@ def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 122
                 {"fraction": bill["resident_fraction_of_fp16"]})}}
 
 
-def finite(value: float) -> bool:
-    return math.isfinite(value)
+
+
+def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 12288, 32768),
+                baseline_up_to: int = 12288, decode_steps: int = 16) -> dict:
+    """Prefill time and decode latency, InfiniteKV against the unmodified full-cache model, side by side in one run.
+
+    The baseline runs only up to `baseline_up_to` tokens: past that its cache outgrows what we want to hold, and
+    past 8,192 its answers are gibberish anyway. Decode latency is the median over `decode_steps` greedy steps."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    text_ids = tokenizer(english_text(max(lengths) * 8), add_special_tokens=False)["input_ids"]
+    rows, metrics = [], {}
+    for length in lengths:
+        ids = text_ids[:length]
+        row = {"length": length}
+        with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
+            start = time.perf_counter()
+            logits = s.feed(ids)
+            row["ikv_prefill_s"] = time.perf_counter() - start
+            steps = []
+            for _ in range(decode_steps):
+                start = time.perf_counter()
+                logits = s.feed([int(logits.argmax())])
+                steps.append(time.perf_counter() - start)
+            row["ikv_decode_ms"] = 1000 * float(np.median(steps))
+        if length <= baseline_up_to:
+            with torch.no_grad():
+                start = time.perf_counter()
+                out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                row["full_prefill_s"] = time.perf_counter() - start
+                cache, token = out.past_key_values, out.logits[0, -1].argmax()
+                steps = []
+                for _ in range(decode_steps):
+                    start = time.perf_counter()
+                    out = model(token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    steps.append(time.perf_counter() - start)
+                    cache, token = out.past_key_values, out.logits[0, -1].argmax()
+                row["full_decode_ms"] = 1000 * float(np.median(steps))
+                del cache, out
+        rows.append(row)
+        for name, value in row.items():
+            if name != "length":
+                unit = "s" if name.endswith("_s") else "ms/token"
+                metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 3), unit)
+        if "full_prefill_s" in row:
+            metrics[f"prefill_speedup_at_{length}"] = receipts.metric(
+                round(row["full_prefill_s"] / row["ikv_prefill_s"], 3), "s/s")
+            metrics[f"decode_speedup_at_{length}"] = receipts.metric(
+                round(row["full_decode_ms"] / row["ikv_decode_ms"], 3), "s/s")
+    return {"config": {**asdict(config), "lengths": list(lengths), "baseline_up_to": baseline_up_to,
+                       "decode_steps": decode_steps, "torch_threads": torch.get_num_threads()},
+            "outputs": {"rows": rows}, "metrics": metrics}

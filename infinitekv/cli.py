@@ -376,3 +376,18 @@ def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_wi
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
     _bench("memory", model, receipt, lambda loaded: bench.bench_memory(loaded, config, tokens))
+
+
+@bench_app.command("speed")
+def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
+                top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+                lengths: str = typer.Option("4096,12288,32768", help="Context lengths, comma-separated."),
+                baseline_up_to: int = typer.Option(12288, help="Longest context the full-cache baseline runs."),
+                decode_steps: int = typer.Option(16, help="Decode steps timed per length (median).")) -> None:
+    """Prefill and decode speed against the unmodified full-cache model, side by side in one run."""
+    from infinitekv import bench
+
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
+    sizes = tuple(int(x) for x in lengths.split(","))
+    _bench("speed", model, receipt, lambda loaded: bench.bench_speed(loaded, config, sizes, baseline_up_to,
+                                                                     decode_steps))

@@ -28,13 +28,15 @@ k' = min(k, N - exclude_before) (0 when exclude_before >= N); ids are rows of `s
 Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (parallel over (row, chunk of N)
 tasks, a bounded heap per task, then a heap merge per row), "faiss" (hamming only: IndexBinaryFlat per head, then a
 range search that collects every token tied with the k-th to apply the index tie-break), "cuda" (csrc/ kernel,
-JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = cuda when
-torch sees a GPU, else numba. The weighted LUTs are always built here in numpy, so every backend sums the same ints.
+JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = numba: the
+cuda backend is opt-in (backend="cuda", or IKV_SEARCH_BACKEND=cuda) until it has been measured on a GPU, because it
+uploads the index on every call. The weighted LUTs are always built here in numpy, so every backend sums the same ints.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numba as nb
@@ -69,7 +71,7 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
     sigs, weights, queries, k_out, start = _check(signatures, weights, queries, k, mode, backend, exclude_before)
     n_queries, n_heads, _ = queries.shape
     if backend == "auto":
-        backend = "cuda" if _cuda_available() else "numba"
+        backend = "cuda" if os.environ.get("IKV_SEARCH_BACKEND") == "cuda" and _cuda_available() else "numba"
     if k_out == 0:
         return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
     if backend == "numpy":
