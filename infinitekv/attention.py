@@ -154,15 +154,15 @@ def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarra
         archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
         mode=config.search_mode, backend=config.search_backend,
     )  # [n_blocks, Hk, L]
+    shortlist = np.sort(shortlist, axis=-1)  # token order: equal rerank scores then go to the lower token id
     records = archive.records(layer)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     # max over the block's queries and every query head of the group: one head's strong interest (an induction
     # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
     rerank = codec.score_shortlist(records, shortlist, q_rotated.reshape(n_heads, length * group, head_dim),
                                    starts * group)
-    # best score first, ties to the lower token id (equal tokens have equal pre-RoPE keys at layer 0)
-    order = np.lexsort((shortlist, -rerank), axis=-1)[..., :retrieved]
-    chosen_ids = np.sort(np.take_along_axis(shortlist, order, axis=-1), axis=-1)  # [n_blocks, Hk, r]
+    _, best = search.top_k_rows(rerank, retrieved)  # equal tokens have equal keys at layer 0: ties are common
+    chosen_ids = np.sort(np.take_along_axis(shortlist, best, axis=-1), axis=-1)  # [n_blocks, Hk, r]
     chosen = records[chosen_ids, np.arange(n_heads)[None, :, None]]  # [n_blocks, Hk, r, record_bytes]
     chosen_keys = codec.decode_keys_rotated(chosen, head_dim) @ rotation + memory.key_mean[None, :, None]
     chosen_values = codec.decode_values(chosen, head_dim)

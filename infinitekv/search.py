@@ -86,6 +86,18 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
     return scores.reshape(n_queries, n_heads, k_out), ids.reshape(n_queries, n_heads, k_out)
 
 
+def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each row of float32 scores [..., n], best first, ties to the lower index: (scores, indices)."""
+    flat = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1, scores.shape[-1])
+    flat = np.where(flat == 0, np.float32(0.0), flat)  # -0.0 and +0.0 must tie
+    k = min(k, flat.shape[1])
+    out_s = np.empty((flat.shape[0], k), np.float32)
+    out_i = np.empty((flat.shape[0], k), np.int64)
+    if k:
+        _select_dense(flat, k, 0, out_s, out_i)
+    return out_s.reshape(scores.shape[:-1] + (k,)), out_i.reshape(scores.shape[:-1] + (k,))
+
+
 def _check(signatures, weights, queries, k, mode, backend, exclude_before):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -326,6 +338,38 @@ def _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, st
             out[g, i - start] = s
 
 
+@nb.njit(parallel=True, cache=True)
+def _select_dense(scores, k, offset, out_s, out_i):
+    # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first, ties to the lower index. Each score
+    # and its index are packed into one unique int64 (order-preserving float bits high, 0xFFFFFFFF - index low),
+    # so one O(n) partition finds the k-th key and no tie order is left to chance.
+    n_rows, n = scores.shape
+    for g in nb.prange(n_rows):
+        keys = np.empty(n, np.int64)
+        bits = scores[g].view(np.int32)
+        for i in range(n):
+            b = np.int64(bits[i])
+            if b < 0:
+                b = b ^ 0x7FFFFFFF
+            keys[i] = (b << 32) | (0xFFFFFFFF - i)
+        threshold = np.partition(keys, n - k)[n - k]
+        best = np.empty(k, np.int64)
+        found = 0
+        for i in range(n):
+            b = np.int64(bits[i])
+            if b < 0:
+                b = b ^ 0x7FFFFFFF
+            key = (b << 32) | (0xFFFFFFFF - i)
+            if key >= threshold:
+                best[found] = key
+                found += 1
+        best = np.sort(best)[::-1]
+        for j in range(k):
+            index = 0xFFFFFFFF - (best[j] & 0xFFFFFFFF)
+            out_i[g, j] = index + offset
+            out_s[g, j] = scores[g, index]
+
+
 @nb.njit(cache=True)
 def _merge_topk(cand_s, cand_i, out_s, out_i):
     # cand_*: [G, M] candidates; out_*: [G, k] the best k of each row, best first
@@ -368,11 +412,12 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
         nb.set_num_threads(1)  # runs on the calling thread: waking the pool would cost more than the scan
     try:
         if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
-            import torch
-
             all_scores = np.empty((len(queries), n - start), np.float32)
             _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, all_scores)
-            return topk_rows(torch.from_numpy(all_scores), k, start)
+            scores = np.empty((len(queries), k), np.float32)
+            ids = np.empty((len(queries), k), np.int64)
+            _select_dense(all_scores, k, start, scores, ids)
+            return scores, ids
         _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, cand_s, cand_i)
     finally:
         nb.set_num_threads(threads)

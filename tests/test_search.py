@@ -325,3 +325,15 @@ def test_cuda_backend_glue_equals_numpy_with_a_cpu_stand_in_for_the_kernel(mode,
         got = S._search_cuda(sigs, weights, queries.reshape(9, 64), min(k, 1000), mode, 11, device="cpu",
                              ext=LutKernelOnCpu(torch))
         assert_same((got[0].reshape(want[0].shape), got[1].reshape(want[1].shape)), want)
+
+
+def test_top_k_rows_breaks_ties_to_the_lower_index_and_treats_signed_zeros_alike():
+    scores = np.array([[1.0, 3.0, 3.0, -0.0, 0.0, 3.0, -2.0]], np.float32)
+    best_scores, best = S.top_k_rows(scores, 5)
+    assert best.tolist() == [[1, 2, 5, 0, 3]]
+    assert best_scores.tolist() == [[3.0, 3.0, 3.0, 1.0, 0.0]]
+    rng = np.random.default_rng(0)
+    many = rng.integers(-3, 4, size=(4, 2, 300)).astype(np.float32)
+    _, got = S.top_k_rows(many, 40)
+    want = np.stack([np.lexsort((np.arange(300), -row))[:40] for row in many.reshape(-1, 300)]).reshape(4, 2, 40)
+    assert (got == want).all()
