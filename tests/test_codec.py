@@ -1,0 +1,74 @@
+"""The 104-byte record: encode/decode error bounds, the signature is the key codes' sign bits, the rerank score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infinitekv import codec
+
+
+def sample(n=2000, d=64, seed=0):
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((n, d)).astype(np.float32) * rng.uniform(0.1, 20, (n, 1)).astype(np.float32)
+    values = rng.standard_normal((n, d)).astype(np.float32) * 3 + rng.uniform(-5, 5, (n, 1)).astype(np.float32)
+    return keys, values
+
+
+def test_record_is_104_bytes_for_head_dim_64():
+    assert codec.record_bytes(64) == 104
+    assert codec.encode_records(*sample(10)).shape == (10, 104)
+    with pytest.raises(ValueError):
+        codec.record_bytes(60)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_keys_and_values_round_trip_within_half_a_quantisation_step(head_dim):
+    keys, values = sample(d=head_dim)
+    records = codec.encode_records(keys, values)
+    got_keys = codec.decode_keys_rotated(records, head_dim)
+    got_values = codec.decode_values(records, head_dim)
+    key_step = codec.record_fields(records, head_dim)[2][:, 0].astype(np.float32)
+    value_step = codec.record_fields(records, head_dim)[2][:, 2].astype(np.float32)
+    # the scales are float16, so the step is the stored one; codes are chosen against exactly that step
+    assert (np.abs(got_keys - keys) <= key_step[:, None] * 0.5 * (1 + 1e-3) + 1e-6).all()
+    assert (np.abs(got_values - values) <= value_step[:, None] * 0.5 * (1 + 1e-2) + np.abs(values) * 2e-3).all()
+    relative = np.linalg.norm(got_keys - keys, axis=1) / np.linalg.norm(keys, axis=1)
+    assert np.median(relative) < 0.01  # 8-bit keys: about 0.5% error
+
+
+def test_signature_bits_are_the_sign_bits_of_the_key_codes():
+    keys, values = sample()
+    records = codec.encode_records(keys, values)
+    bits = np.unpackbits(codec.signatures_from_records(records, 64), axis=-1, bitorder="little").astype(bool)
+    assert (bits == (codec.decode_keys_rotated(records, 64) < 0)).all()
+    mean_abs = codec.key_mean_abs(records, 64)
+    np.testing.assert_allclose(mean_abs, np.abs(keys).mean(axis=1), rtol=2e-3)
+
+
+def test_constant_vectors_and_zero_keys_encode_without_nan():
+    keys = np.zeros((3, 64), np.float32)
+    values = np.full((3, 64), 2.5, np.float32)
+    records = codec.encode_records(keys, values)
+    assert np.isfinite(codec.decode_keys_rotated(records, 64)).all()
+    np.testing.assert_allclose(codec.decode_values(records, 64), values, rtol=1e-3)
+
+
+def test_rotation_is_orthogonal_and_fixed_by_its_seed():
+    rotation = codec.rotation_matrix(64, 0)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(64), atol=1e-5)
+    np.testing.assert_array_equal(rotation, codec.rotation_matrix(64, 0))
+    assert not np.allclose(rotation, codec.rotation_matrix(64, 1))
+
+
+def test_rerank_scores_equal_dequantised_dot_products_maxed_over_each_block():
+    keys, values = sample(3000)
+    records = codec.encode_records(keys, values).reshape(1000, 3, 104)
+    rng = np.random.default_rng(1)
+    shortlist = rng.integers(0, 1000, (2, 3, 50))
+    queries = rng.standard_normal((3, 10, 64)).astype(np.float32)
+    got = codec.score_shortlist(records, shortlist, queries, np.array([0, 4, 10]))
+    dequantised = codec.decode_keys_rotated(records, 64)
+    want = np.stack([np.stack([(dequantised[shortlist[b, h], h] @ queries[h, a:c].T).max(axis=1) for h in range(3)])
+                     for b, (a, c) in enumerate([(0, 4), (4, 10)])])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
