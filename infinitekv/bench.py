@@ -246,3 +246,67 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
     return {"config": {**asdict(config), "lengths": list(lengths), "baseline_up_to": baseline_up_to,
                        "decode_steps": decode_steps, "torch_threads": torch.get_num_threads()},
             "outputs": {"rows": rows}, "metrics": metrics}
+
+
+def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot_window: int = 512, k: int = 32,
+                 layers=(0, 5, 10, 15, 20, 25, 29), shortlists=(32, 64, 128, 256, 512, 1024)) -> dict:
+    """Recall of the exact top-k cold tokens (by GQA-summed pre-RoPE q.k) in the first-stage shortlist, for the
+    signature designs we considered, on real English text through the unmodified model."""
+    from infinitekv import codec
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = model.config
+    ids = tokenizer(english_text(tokens * 8), add_special_tokens=False)["input_ids"][:tokens]
+    captured_q, captured_k, hooks = {}, {}, []
+    for index, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.q_proj.register_forward_hook(
+            lambda m, a, out, i=index: captured_q.__setitem__(i, out[0].detach())))
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(
+            lambda m, a, out, i=index: captured_k.__setitem__(i, out[0].detach())))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n_kv, head_dim = config.num_key_value_heads, config.head_dim
+    group = config.num_attention_heads // n_kv
+    rotation = codec.rotation_matrix(head_dim, 0)
+    sinks = 4
+    table = {}
+    for layer in layers:
+        q = captured_q[layer].view(-1, n_kv, group, head_dim).sum(2).numpy()
+        k_pre = captured_k[layer].view(-1, n_kv, head_dim).numpy()
+        mean = k_pre[:1024].mean(0)
+        designs = {
+            "sign(k), hamming": (k_pre, None, "hamming"),
+            "sign(k - mu), hamming": (k_pre - mean, None, "hamming"),
+            "sign(R(k - mu)), hamming": ((k_pre - mean) @ rotation.T, rotation, "hamming"),
+            "sign(k - mu), weighted": (k_pre - mean, None, "weighted"),
+            "sign(R(k - mu)), weighted [chosen]": ((k_pre - mean) @ rotation.T, rotation, "weighted"),
+        }
+        for name, (x, turn, mode) in designs.items():
+            hits = {size: [] for size in shortlists}
+            for t in range(len(ids) - queries, len(ids)):
+                cold_end = t - hot_window
+                for h in range(n_kv):
+                    exact = np.lexsort((np.arange(cold_end - sinks), -(k_pre[sinks:cold_end, h] @ q[t, h])))[:k]
+                    query = turn @ q[t, h] if turn is not None else q[t, h]
+                    xs = x[sinks:cold_end, h]
+                    if mode == "hamming":
+                        estimate = -((xs < 0) != (query < 0)).sum(1).astype(np.float64)
+                    else:
+                        estimate = np.abs(xs).mean(1) * (np.where(xs < 0, -1.0, 1.0) @ query)
+                    order = np.lexsort((np.arange(len(estimate)), -estimate))
+                    for size in shortlists:
+                        hits[size].append(len(set(exact) & set(order[:size])) / k)
+            table.setdefault(name, {})[str(layer)] = {str(size): float(np.mean(v)) for size, v in hits.items()}
+    metrics = {}
+    for name, per_layer in table.items():
+        for size in shortlists:
+            value = float(np.mean([per_layer[str(layer)][str(size)] for layer in layers]))
+            metrics[f"recall@{size} {name}"] = receipts.metric(round(value, 4), "fraction")
+    return {"config": {"tokens": tokens, "queries": queries, "hot_window": hot_window, "k": k, "layers": list(layers),
+                       "shortlists": list(shortlists), "sinks": sinks,
+                       "text": "pydoc_data.topics (Python standard library documentation)"},
+            "outputs": {"per_layer": table}, "metrics": metrics}

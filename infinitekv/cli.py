@@ -391,3 +391,14 @@ def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
     sizes = tuple(int(x) for x in lengths.split(","))
     _bench("speed", model, receipt, lambda loaded: bench.bench_speed(loaded, config, sizes, baseline_up_to,
                                                                      decode_steps))
+
+
+@bench_app.command("recall")
+def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+                 tokens: int = typer.Option(6000, help="Tokens of English text."),
+                 queries: int = typer.Option(32, help="Query positions (the last ones) measured."),
+                 k: int = typer.Option(32, help="Size of the exact top-k whose recall is measured.")) -> None:
+    """Recall of the exact top-k cold tokens against shortlist size, for each signature design."""
+    from infinitekv import bench
+
+    _bench("recall", model, receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k))

@@ -300,3 +300,24 @@ def test_every_receipt_in_the_repository_verifies():
         pytest.skip("no receipts in receipts/ yet")
     done = ikv_verify(*paths)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_published_receipt_with_one_metric_digit_changed_fails_verify(tmp_path):
+    """Tamper with a copy of a real receipt from receipts/: verify must name the hash."""
+    import json
+    import re
+
+    paths = sorted(glob.glob(str(REPO / "receipts" / "*.json")))
+    if not paths:
+        pytest.skip("no receipts in receipts/ yet")
+    record = json.loads(open(paths[0]).read())
+    name, entry = next((n, m) for n, m in record["metrics"].items() if re.search(r"[1-9]", repr(m["value"])))
+    text = repr(entry["value"])
+    digit = re.search(r"[1-9]", text)
+    changed = text[: digit.start()] + str((int(digit.group()) % 9) + 1) + text[digit.end():]
+    entry["value"] = type(entry["value"])(float(changed) if isinstance(entry["value"], float) else int(changed))
+    copy = tmp_path / "tampered.json"
+    copy.write_text(json.dumps(record, indent=2, sort_keys=True))
+    done = ikv_verify(str(copy))
+    assert done.returncode == 1
+    assert "receipt_sha256" in done.stdout
