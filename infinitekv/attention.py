@@ -138,6 +138,20 @@ def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
+def selection_queries(q: torch.Tensor, first_query_position: int, retrieved_centre: int, rope, n_kv_heads: int):
+    """Queries turned so that q'.k (pre-RoPE k) is the logit a retrieved key will actually get.
+
+    RoPE makes the logit (R_p q).(R_j k) = (R_(p-j) q).k: it depends on the distance p - j. Retrieved keys sit at
+    compact positions around `retrieved_centre`, so each query is turned by its own distance to that centre.
+    q: [Hq, C, D] -> float32 numpy [Hk, C, G, D].
+    """
+    n_q_heads, length, head_dim = q.shape
+    cos, sin = rope
+    distance = torch.arange(first_query_position, first_query_position + length) - retrieved_centre
+    turned = apply_rope(q.detach(), cos[distance], sin[distance])
+    return turned.float().view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
+
+
 def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
                   rotation: np.ndarray):
     """Pick each block's cold tokens for every kv-head and dequantise them.
@@ -194,7 +208,7 @@ def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: Lay
     context_v = [memory.sink_v]
     positions = [torch.arange(s)]
     if retrieved:
-        q_grouped = q.detach().float().view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
+        q_grouped = selection_queries(q, s + retrieved + w, s + retrieved // 2, rope, n_kv_heads)
         keys, values, _ = retrieve_cold(archive, layer, memory, q_grouped, blocks, config, rotation)
         # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]: every block's tokens sit at the same compact positions
         context_k.append(torch.from_numpy(keys).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
@@ -247,7 +261,7 @@ def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rot
         values[:, start : start + w] = memory.window_v
         view = memory.decode_view = DecodeView(keys, values, s, retrieved, w)
     if retrieved:
-        q_grouped = q.detach().float().view(n_kv_heads, -1, 1, head_dim).transpose(1, 2).cpu().numpy()
+        q_grouped = selection_queries(q, s + retrieved + w, s + retrieved // 2, rope, n_kv_heads)
         cold_k, cold_v, _ = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation)
         view.keys[:, s : s + retrieved] = apply_rope(torch.from_numpy(cold_k[0]).to(k.device, k.dtype),
                                                      cos[s : s + retrieved], sin[s : s + retrieved])
