@@ -5,11 +5,13 @@ Read top to bottom, for one decoder layer and one chunk of C new tokens (C = 1 w
 1. project the chunk to queries, keys and values; keys stay pre-RoPE everywhere we keep them;
 2. split the chunk into selection blocks of `select_block` queries; for each block and kv-head, scan the cold tier's
    signatures with the block's mean query (first stage, `search.search_many`), then rerank that shortlist with the
-   dequantised keys against every query of the block (max over the block of the GQA-summed q.(k - mu)) and keep the
-   `top_k_cold` best, in their original order;
-3. lay the attended tokens out at compact positions - sinks 0..s-1, retrieved s..s+r-1, window next, chunk last -
-   and apply RoPE there, so no relative distance exceeds the trained window; with nothing cold this is exactly the
-   original positions;
+   int8 keys against every query of the block and every query head of the GQA group (max of q.(k - mu)) and keep
+   the `top_k_cold` best; queries are first turned by RoPE to the typical distance of a cold key;
+3. apply RoPE at each token's true position as long as the last query sees it within the trained window; tokens
+   farther back are squeezed, in order, into the oldest `far_band` positions the window allows (`key_positions`),
+   so no relative distance exceeds the trained window, and a sequence that fits the window keeps exactly its
+   original positions, cold tokens included (measured on SmolLM2 at 4k: median KL 0.032 with all retrieved tokens
+   packed next to the window, 0.010 at true positions);
 4. one scaled-dot-product attention call per layer; a mask lets each block see only its own retrieved tokens;
 5. move the chunk into the hot tier and evict the oldest window tokens beyond `hot_window + evict_batch - 1` into
    the cold tier as records (`codec.encode_records`).
@@ -41,10 +43,11 @@ class RetrievalConfig:
     search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
     search_backend: str = "auto"
     rotation_seed: int = 0
+    far_band: int = 1024  # positions that hold every token farther back than the trained window allows
 
-    def max_compact_position(self) -> int:
-        """The largest position RoPE ever sees; must fit the model's trained window."""
-        return self.sinks + self.top_k_cold + self.hot_window + self.evict_batch + self.chunk_size
+    def near_span(self) -> int:
+        """The window plus a chunk: these always keep their true distances to the queries."""
+        return self.hot_window + self.evict_batch + self.chunk_size
 
 
 class LayerMemory:
@@ -117,8 +120,44 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [H, T, D]; cos, sin: [T, D]
+    # x: [H, T, D]; cos, sin: [T, D] or [H, T, D]
     return x * cos + rotate_half(x) * sin
+
+
+class Rope:
+    """cos/sin at any positions, from the model's own inverse frequencies (so scaled RoPE variants are honoured),
+    computed in float64 so positions far past the trained window keep exact relative angles."""
+
+    def __init__(self, rotary_emb: torch.nn.Module, trained_window: int, dtype, device):
+        self.inv_freq = rotary_emb.inv_freq.detach().double().cpu()
+        self.scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
+        self.trained_window = trained_window
+        self.dtype, self.device = dtype, device
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.double().cpu()[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return ((angles.cos() * self.scaling).to(self.device, self.dtype),
+                (angles.sin() * self.scaling).to(self.device, self.dtype))
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.at(positions)
+        return apply_rope(x, cos, sin)
+
+
+def key_positions(true_positions: torch.Tensor, last_query: int, trained_window: int, far_band: int) -> torch.Tensor:
+    """Where RoPE puts each attended key: its true position whenever the last query can see it within the trained
+    window; tokens farther back are squeezed, in order, into the `far_band` oldest positions the window allows.
+
+    With the whole sequence inside the trained window this is the identity, cold tokens included, so retrieval
+    changes which tokens are attended but never their distances.
+    """
+    oldest = last_query - (trained_window - 1)  # the farthest position the last query may see
+    if oldest <= 0:
+        return true_positions
+    near_start = oldest + far_band  # from here on, true positions
+    squeezed = oldest + torch.div(true_positions * far_band, near_start, rounding_mode="floor")
+    return torch.where(true_positions >= near_start, true_positions, squeezed)
 
 
 def project_chunk(attn: torch.nn.Module, hidden: torch.Tensor):
@@ -138,18 +177,19 @@ def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def selection_queries(q: torch.Tensor, first_query_position: int, retrieved_centre: int, rope, n_kv_heads: int):
-    """Queries turned so that q'.k (pre-RoPE k) is the logit a retrieved key will actually get.
+def selection_queries(q: torch.Tensor, nearest: int, farthest: int, rope: Rope, n_kv_heads: int) -> np.ndarray:
+    """Queries turned so that q'.k (pre-RoPE k) approximates the logit a cold key gets under RoPE.
 
-    RoPE makes the logit (R_p q).(R_j k) = (R_(p-j) q).k: it depends on the distance p - j. Retrieved keys sit at
-    compact positions around `retrieved_centre`, so each query is turned by its own distance to that centre.
+    RoPE makes the logit (R_p q).(R_j k) = (R_(p-j) q).k: it depends on the distance p - j. Cold keys sit between
+    `nearest` and `farthest` positions before the query, so every query is turned by the middle distance
+    (measured on SmolLM2 at 2k: median KL 0.0088 unturned -> 0.0043 turned, top-1 0.91 -> 0.95; also shrinking
+    the fast frequency pairs by their average over the span measured no better at 8k).
     q: [Hq, C, D] -> float32 numpy [Hk, C, G, D].
     """
     n_q_heads, length, head_dim = q.shape
-    cos, sin = rope
-    distance = torch.arange(first_query_position, first_query_position + length) - retrieved_centre
-    turned = apply_rope(q.detach(), cos[distance], sin[distance])
-    return turned.float().view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
+    middle = torch.full((length,), (nearest + farthest) / 2, dtype=torch.float64)
+    turned = rope.rotate(q.detach().float(), middle).float()
+    return turned.view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
 
 
 def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
@@ -184,95 +224,105 @@ def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarra
 
 
 def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: LayerMemory, archive,
-                        config: RetrievalConfig, rope: tuple[torch.Tensor, torch.Tensor],
-                        rotation: np.ndarray, counters: dict) -> torch.Tensor:
+                        config: RetrievalConfig, rope: Rope, rotation: np.ndarray, counters: dict) -> torch.Tensor:
     """The patched attention forward for one layer. hidden: [1, C, hidden] -> [1, C, hidden]."""
     layer = attn.layer_idx
     q, k, v = project_chunk(attn, hidden)  # [Hq, C, D], [Hk, C, D], [Hk, C, D]
     n_q_heads, length, head_dim = q.shape
     n_kv_heads = k.shape[0]
-    dtype, device = q.dtype, q.device
-    s = memory.sink_k.shape[1]
-    w = memory.window_k.shape[1]
-
-    blocks = select_blocks(length, config.select_block if length > 1 else 1)
-    retrieved = min(config.top_k_cold, len(archive.signatures(layer))) if config.top_k_cold > 0 else 0
-    cos, sin = rope
+    device = q.device
+    s, w = memory.sink_k.shape[1], memory.window_len
+    n_cold = len(archive.signatures(layer))
+    first = s + n_cold + w  # true position of the chunk's first token; cold token i is at s + i
+    last = first + length - 1
+    retrieved = min(config.top_k_cold, n_cold) if config.top_k_cold > 0 else 0
+    counters["retrieved_tokens"] = counters.get("retrieved_tokens", 0) + retrieved * n_kv_heads * (
+        1 if length == 1 else len(select_blocks(length, config.select_block)))
     if length == 1:
-        out = decode_step(attn, memory, archive, config, rotation, rope, q, k, v, retrieved)
-        counters["retrieved_tokens"] = counters.get("retrieved_tokens", 0) + retrieved * n_kv_heads
-        update_hot_tier(memory, k, v, archive, layer, config, rotation)
-        return attn.o_proj(out.transpose(1, 2).reshape(1, length, n_q_heads * head_dim))
-    memory.decode_view = None
-    context_k = [memory.sink_k]
-    context_v = [memory.sink_v]
-    positions = [torch.arange(s)]
-    if retrieved:
-        q_grouped = selection_queries(q, s + retrieved + w, s + retrieved // 2, rope, n_kv_heads)
-        keys, values, _ = retrieve_cold(archive, layer, memory, q_grouped, blocks, config, rotation)
-        # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]: every block's tokens sit at the same compact positions
-        context_k.append(torch.from_numpy(keys).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
-        context_v.append(torch.from_numpy(values).to(device, dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
-        positions.append(torch.arange(s, s + retrieved).repeat(len(blocks)))
-        counters["retrieved_tokens"] = counters.get("retrieved_tokens", 0) + retrieved * len(blocks) * n_kv_heads
-    first_chunk_position = s + retrieved + w
-    context_k += [memory.window_k, k]
-    context_v += [memory.window_v, v]
-    positions += [torch.arange(s + retrieved, first_chunk_position),
-                  torch.arange(first_chunk_position, first_chunk_position + length)]
-    key_positions = torch.cat(positions).to(device)
-    keys = apply_rope(torch.cat(context_k, dim=1), cos[key_positions], sin[key_positions])
-    values = torch.cat(context_v, dim=1)
-    query_positions = key_positions[-length:]
-    queries = apply_rope(q, cos[query_positions], sin[query_positions])
-
-    mask = None
-    if length > 1:
-        mask = torch.ones(length, keys.shape[1], dtype=torch.bool, device=device)
-        if retrieved:
-            mask[:, s : s + retrieved * len(blocks)] = False
-            for index, (a, b) in enumerate(blocks):
-                start = s + index * retrieved
-                mask[a:b, start : start + retrieved] = True
-        mask[:, -length:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    out = F.scaled_dot_product_attention(
-        queries[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
-        enable_gqa=n_q_heads != n_kv_heads,
-    )  # [1, Hq, C, D]
+        out = decode_step(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first)
+    else:
+        memory.decode_view = None
+        out = chunk_attention(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first)
     update_hot_tier(memory, k, v, archive, layer, config, rotation)
     return attn.o_proj(out.transpose(1, 2).reshape(1, length, n_q_heads * head_dim))
 
 
-def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope, q, k, v,
-                retrieved: int) -> torch.Tensor:
-    """One new token: the same attention as the chunk path, reusing the cached RoPE'd sinks and window."""
+def far_positions(true_positions: torch.Tensor, last_query: int, config: RetrievalConfig, rope: Rope) -> torch.Tensor:
+    return key_positions(true_positions, last_query, rope.trained_window, config.far_band)
+
+
+def chunk_attention(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,
+                    q, k, v, retrieved: int, first: int) -> torch.Tensor:
+    """A prefill chunk: each block of `select_block` queries attends to its own retrieved tokens."""
+    n_q_heads, length, head_dim = q.shape
+    n_kv_heads = k.shape[0]
+    device = q.device
+    s, w = memory.sink_k.shape[1], memory.window_len
+    last = first + length - 1
+    blocks = select_blocks(length, config.select_block)
+    context_k = [rope.rotate(memory.sink_k, far_positions(torch.arange(s), last, config, rope))]
+    context_v = [memory.sink_v]
+    if retrieved:
+        farthest = min(last - s, rope.trained_window - 1)
+        q_grouped = selection_queries(q, w + 1, farthest, rope, n_kv_heads)
+        keys, values, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, blocks, config, rotation)
+        positions = far_positions(torch.from_numpy(ids + s), last, config, rope)  # [n_blocks, Hk, r]
+        keys = rope.rotate(torch.from_numpy(keys).to(device, q.dtype), positions)
+        # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]; the mask below shows each block only its own
+        context_k.append(keys.transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
+        context_v.append(torch.from_numpy(values).to(device, q.dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
+    context_k.append(rope.rotate(memory.window_k, torch.arange(first - w, first)))
+    context_v.append(memory.window_v)
+    context_k.append(rope.rotate(k, torch.arange(first, last + 1)))
+    context_v.append(v)
+    keys = torch.cat(context_k, dim=1)
+    values = torch.cat(context_v, dim=1)
+    queries = rope.rotate(q, torch.arange(first, last + 1))
+
+    mask = torch.ones(length, keys.shape[1], dtype=torch.bool, device=device)
+    if retrieved:
+        mask[:, s : s + retrieved * len(blocks)] = False
+        for index, (a, b) in enumerate(blocks):
+            start = s + index * retrieved
+            mask[a:b, start : start + retrieved] = True
+    mask[:, -length:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return F.scaled_dot_product_attention(
+        queries[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
+        enable_gqa=n_q_heads != n_kv_heads,
+    )  # [1, Hq, C, D]
+
+
+def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,
+                q, k, v, retrieved: int, position: int) -> torch.Tensor:
+    """One new token: the same attention as a chunk, reusing the window's RoPE'd keys (true positions never move)."""
     n_kv_heads, _, head_dim = k.shape
     s, w = memory.sink_k.shape[1], memory.window_len
-    cos, sin = rope
     view = memory.decode_view
-    if view is None or (view.sinks, view.retrieved, view.window) != (s, retrieved, w):
+    if (view is None or (view.sinks, view.retrieved, view.window) != (s, retrieved, w)
+            or s + retrieved + w + 1 > view.keys.shape[1]):
         capacity = s + retrieved + w + config.evict_batch + 1
         keys = k.new_empty(n_kv_heads, capacity, head_dim)
         values = v.new_empty(n_kv_heads, capacity, head_dim)
-        keys[:, :s] = apply_rope(memory.sink_k, cos[:s], sin[:s])
         values[:, :s] = memory.sink_v
         start = s + retrieved
-        keys[:, start : start + w] = apply_rope(memory.window_k, cos[start : start + w], sin[start : start + w])
+        keys[:, start : start + w] = rope.rotate(memory.window_k, torch.arange(position - w, position))
         values[:, start : start + w] = memory.window_v
         view = memory.decode_view = DecodeView(keys, values, s, retrieved, w)
+    view.keys[:, :s] = rope.rotate(memory.sink_k, far_positions(torch.arange(s), position, config, rope))
     if retrieved:
-        q_grouped = selection_queries(q, s + retrieved + w, s + retrieved // 2, rope, n_kv_heads)
-        cold_k, cold_v, _ = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation)
-        view.keys[:, s : s + retrieved] = apply_rope(torch.from_numpy(cold_k[0]).to(k.device, k.dtype),
-                                                     cos[s : s + retrieved], sin[s : s + retrieved])
+        farthest = min(position - s, rope.trained_window - 1)
+        q_grouped = selection_queries(q, w + 1, farthest, rope, n_kv_heads)
+        cold_k, cold_v, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation)
+        positions = far_positions(torch.from_numpy(ids[0] + s), position, config, rope)  # [Hk, r]
+        view.keys[:, s : s + retrieved] = rope.rotate(torch.from_numpy(cold_k[0]).to(k.device, k.dtype), positions)
         view.values[:, s : s + retrieved] = torch.from_numpy(cold_v[0]).to(v.device, v.dtype)
-    position = s + retrieved + w
-    view.keys[:, position : position + 1] = apply_rope(k, cos[position : position + 1], sin[position : position + 1])
-    view.values[:, position : position + 1] = v
+    end = s + retrieved + w
+    view.keys[:, end : end + 1] = rope.rotate(k, torch.tensor([position]))
+    view.values[:, end : end + 1] = v
     view.window = w + 1  # update_hot_tier appends this token to the window next (or resets the view)
-    queries = apply_rope(q, cos[position : position + 1], sin[position : position + 1])
+    queries = rope.rotate(q, torch.tensor([position]))
     return F.scaled_dot_product_attention(
-        queries[None], view.keys[None, :, : position + 1], view.values[None, :, : position + 1], scale=attn.scaling,
+        queries[None], view.keys[None, :, : end + 1], view.values[None, :, : end + 1], scale=attn.scaling,
         enable_gqa=q.shape[0] != n_kv_heads,
     )  # [1, Hq, 1, D]
 

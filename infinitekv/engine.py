@@ -20,7 +20,7 @@ import torch
 
 from infinitekv import codec
 from infinitekv.archive import Archive, Layout
-from infinitekv.attention import LayerMemory, RetrievalConfig, retrieval_attention
+from infinitekv.attention import LayerMemory, RetrievalConfig, Rope, retrieval_attention
 from infinitekv.errors import IKVError
 from infinitekv.models import check_supported, weights_sha256
 
@@ -70,28 +70,15 @@ class Session:
         self.token_ids: list[int] = []
         self.transcript = ""  # the text whose tokens are in the cache, for continuing chat turns
         self.messages: list[dict] = []
-        self.rope = self._rope_table(config.max_compact_position())
+        self.rope = Rope(model.model.rotary_emb, trained_window(model), self.dtype, self.device)
 
     # ---- feeding tokens -------------------------------------------------------------------------------------
-    def _rope_table(self, positions: int):
-        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        ids = torch.arange(positions, device=self.device)[None]
-        cos, sin = self.model.model.rotary_emb(probe, ids)
-        return cos[0], sin[0]  # [P, D]
-
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        needed = self._compact_length() + len(ids)
-        if needed > self.rope[0].shape[0]:
-            self.rope = self._rope_table(needed)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.no_grad():
             logits = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
         self.token_ids.extend(ids)
         return logits[0, -1].float()
-
-    def _compact_length(self) -> int:
-        memory = self.memories[0]
-        return memory.sink_k.shape[1] + self.config.top_k_cold + memory.window_k.shape[1]
 
     def feed(self, ids: list[int], progress: bool = False) -> torch.Tensor:
         """Prefill `ids` in chunks; returns the logits after the last one."""
@@ -260,13 +247,17 @@ def print_progress(label: str, done: int, total: int, tokens: int) -> None:
           end=end, file=sys.stderr, flush=True)
 
 
+def trained_window(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
 def check_budget(model, config: RetrievalConfig) -> None:
-    trained = getattr(model.config, "max_position_embeddings", None)
-    needed = config.max_compact_position()
-    if trained and needed > trained:
+    trained = trained_window(model)
+    needed = config.near_span() + config.far_band + config.sinks + 1
+    if needed > trained:
         raise IKVError(
-            f"sinks + top-k-cold + hot-window + evict batch + chunk = {needed} positions exceeds the model's "
-            f"trained window of {trained}; lower --hot-window, --top-k-cold or --chunk-size"
+            f"hot-window + evict batch + chunk + far band + sinks = {needed} positions exceeds the model's "
+            f"trained window of {trained}; lower --hot-window or --chunk-size"
         )
     for name in ("sinks", "hot_window", "top_k_cold", "chunk_size", "shortlist", "select_block", "evict_batch"):
         if getattr(config, name) < (0 if name in ("sinks", "top_k_cold") else 1):

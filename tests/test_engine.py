@@ -148,3 +148,33 @@ def test_an_existing_archive_is_not_overwritten(tmp_path):
             pass
     with Archive.open(tmp_path / "mem", writable=False) as archive:
         assert archive.committed_tokens == len(archive.signatures(0)) > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_retrieving_every_cold_token_reproduces_the_full_model_up_to_quantisation(chunk):
+    """With top-k above the cold count, every token is attended at its true position: only int8/4-bit error remains,
+    token by token (the decode path) and chunk by chunk (the prefill path)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference = model(ids).logits[0]
+    config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=chunk, top_k_cold=2000, shortlist=4000,
+                             select_block=16)
+    worst = 0.0
+    with enable(model, config=config, mode="ram") as session:
+        for start in range(0, 400, chunk):
+            logits = session.feed(ids[0, start : start + chunk].tolist())
+            worst = max(worst, float((logits - reference[min(start + chunk, 400) - 1]).abs().max()))
+        assert len(session.archive.signatures(0)) > 300
+    assert worst < 0.02
+
+
+def test_far_tokens_are_squeezed_inside_the_trained_window_and_near_ones_keep_their_positions():
+    from infinitekv.attention import key_positions
+
+    positions = torch.arange(0, 20000)
+    assert torch.equal(key_positions(positions[:8000], 7999, 8192, 1024), positions[:8000])
+    placed = key_positions(positions, 19999, 8192, 1024)
+    assert int(19999 - placed.min()) <= 8191  # no distance beyond the trained window
+    assert torch.equal(placed[-7000:], positions[-7000:])  # the near part is untouched
+    assert bool((placed[1:] >= placed[:-1]).all())  # order is kept
