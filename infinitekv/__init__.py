@@ -3,7 +3,7 @@
 Hot tier: sink tokens and the most recent tokens stay exact on the device. Cold tier: every older token becomes a
 fixed-size record (int8 key whose sign bits are its signature, 4-bit value) in append-only memory-mapped shard files.
 Each decode step (and each prefill block) scans the signatures, reranks a shortlist with the dequantised keys and
-attends over sinks + retrieved + window with RoPE at compact positions.
+attends over sinks + retrieved + window, with far tokens squeezed inside the trained window.
 """
 
 __version__ = "0.1.0"

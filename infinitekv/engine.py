@@ -253,11 +253,10 @@ def trained_window(model) -> int:
 
 def check_budget(model, config: RetrievalConfig) -> None:
     trained = trained_window(model)
-    needed = config.near_span() + config.far_band + config.sinks + 1
-    if needed > trained:
+    if config.compact_span() > trained:
         raise IKVError(
-            f"hot-window + evict batch + chunk + far band + sinks = {needed} positions exceeds the model's "
-            f"trained window of {trained}; lower --hot-window or --chunk-size"
+            f"sinks + top-k-cold + hot-window + evict batch + chunk = {config.compact_span()} positions exceeds the "
+            f"model's trained window of {trained}; lower --hot-window, --top-k-cold or --chunk-size"
         )
     for name in ("sinks", "hot_window", "top_k_cold", "chunk_size", "shortlist", "select_block", "evict_batch"):
         if getattr(config, name) < (0 if name in ("sinks", "top_k_cold") else 1):

@@ -61,11 +61,13 @@ def test_attention_is_restored_when_the_body_raises():
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("mode", ["ram", "disk"])
-def test_old_tokens_go_to_the_cold_tier_and_are_retrieved(mode, tmp_path):
+@pytest.mark.parametrize("mode,true_positions_up_to", [("ram", 4096), ("disk", 4096), ("ram", 0)],
+                         ids=["ram-true-positions", "disk-true-positions", "ram-compact"])
+def test_old_tokens_go_to_the_cold_tier_and_are_retrieved(mode, true_positions_up_to, tmp_path):
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(3)).tolist()[0]
-    config = RetrievalConfig(sinks=4, hot_window=64, evict_batch=16, chunk_size=32, top_k_cold=8, shortlist=32)
+    config = RetrievalConfig(sinks=4, hot_window=64, evict_batch=16, chunk_size=32, top_k_cold=8, shortlist=32,
+                             true_positions_up_to=true_positions_up_to)
     archive = str(tmp_path / "mem") if mode == "disk" else None
     with enable(model, config=config, archive=archive, mode=mode) as session:
         logits = session.feed(ids)
@@ -86,7 +88,8 @@ def test_retrieval_off_differs_from_retrieval_on_once_tokens_are_cold():
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(4)).tolist()[0]
     outputs = []
     for top_k in (0, 16):
-        config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32, top_k_cold=top_k, shortlist=64)
+        config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32, top_k_cold=top_k, shortlist=64,
+                                 true_positions_up_to=0)
         with enable(model, config=config, mode="ram") as session:
             outputs.append(session.feed(ids))
     assert not torch.allclose(outputs[0], outputs[1])
@@ -96,7 +99,8 @@ def test_resumed_session_continues_exactly_like_an_uninterrupted_one(tmp_path):
     model = tiny_model("qwen3")
     ids = torch.randint(0, 256, (1, 500), generator=torch.Generator().manual_seed(5)).tolist()[0]
     more = [7, 8, 9, 10, 11]
-    config = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=40, top_k_cold=8, shortlist=32)
+    config = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=40, top_k_cold=8, shortlist=32,
+                             true_positions_up_to=300)  # crosses from true positions to compact mid-way
     with enable(model, config=config, mode="ram") as session:
         session.feed(ids)
         expected = session.generate(more, max_new_tokens=10, stop_ids=set())
@@ -167,14 +171,3 @@ def test_retrieving_every_cold_token_reproduces_the_full_model_up_to_quantisatio
             worst = max(worst, float((logits - reference[min(start + chunk, 400) - 1]).abs().max()))
         assert len(session.archive.signatures(0)) > 300
     assert worst < 0.02
-
-
-def test_far_tokens_are_squeezed_inside_the_trained_window_and_near_ones_keep_their_positions():
-    from infinitekv.attention import key_positions
-
-    positions = torch.arange(0, 20000)
-    assert torch.equal(key_positions(positions[:8000], 7999, 8192, 1024), positions[:8000])
-    placed = key_positions(positions, 19999, 8192, 1024)
-    assert int(19999 - placed.min()) <= 8191  # no distance beyond the trained window
-    assert torch.equal(placed[-7000:], positions[-7000:])  # the near part is untouched
-    assert bool((placed[1:] >= placed[:-1]).all())  # order is kept
