@@ -17,12 +17,18 @@ class Needle:
 
 
 def passkey(tokenizer, n_tokens: int, depth: float, seed: int = 0, skip_chars: int = 0) -> Needle:
-    """A document of about `n_tokens` tokens of stdlib documentation with a 5-digit pass key at `depth` (0..1)."""
+    """A document of about `n_tokens` tokens of stdlib documentation with a 5-digit number hidden at `depth` (0..1).
+
+    The needle says "magic number", not "pass key": in Python documentation "pass" and "key" are everywhere, and the
+    unmodified SmolLM2 with its full cache missed a "pass key" at 5k tokens in 2 of 3 depths while it found the
+    "magic number" at all 3 (measured by hand, 2026-11-22).
+    """
     key = str(random.Random(seed).randint(10000, 99999))
-    needle = f"\n\nRemember this: the pass key is {key}.\n\n"
+    needle = f"\n\nRemember this: the magic number is {key}.\n\n"
     text = english_text(n_tokens * 6, skip_chars=skip_chars)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
     cut = int(len(ids) * depth)
     before = tokenizer.decode(ids[:cut])
     after = tokenizer.decode(ids[cut:])
-    return Needle(document=before + needle + after, question="What is the pass key mentioned in the text? Answer with the number.", answer=key, depth=depth)
+    question = "What is the magic number mentioned in the text? Answer with the number."
+    return Needle(document=before + needle + after, question=question, answer=key, depth=depth)
