@@ -1044,7 +1044,7 @@ def inspect_archive(path) -> dict:
         "tiers": {
             "cold_records": n * layout.n_layers * layout.token_bytes,
             "hot_state": state.bytes if state else 0,
-            "signature_index_ram": n * layout.n_layers * layout.n_kv_heads * (layout.head_dim // 8 + 2),  # float16 weight,
+            "signature_index_ram": n * layout.n_layers * layout.n_kv_heads * (layout.head_dim // 8 + 2),  # float16 weight
         },
         "files": files,
         "integrity": integrity,
