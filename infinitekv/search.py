@@ -272,6 +272,24 @@ def _weight_as_float32_impl(w):
     return None
 
 
+@nb.njit(cache=True, inline="always")
+def _token_score(sigs, weights, lut, use_words, words, qwords, use_weights, i, h, g):
+    # one token's score for query row g (head h); the one definition every numba path shares
+    acc = 0
+    if use_words:
+        for j in range(qwords.shape[1]):
+            acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
+    else:
+        for b in range(sigs.shape[2]):
+            acc += lut[b, sigs[i, h, b]]
+    s = np.float32(acc)
+    if use_weights:
+        s = _weight_as_float32(weights[i, h]) * s
+    if s == 0:
+        s = np.float32(0.0)
+    return s
+
+
 @nb.njit(parallel=True, cache=True)
 def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, out_s, out_i):
     # sigs: [N, H, B] uint8; weights: [N, H] float32, or uint16 holding float16 bits (widened per row here)
@@ -279,9 +297,8 @@ def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, star
     # use_words (hamming, B % 8 == 0) skips the LUT: popcount of words = sigs viewed [N, H, B/8] uint64 XOR
     # qwords [G, B/8] uint64 (both unused dummies otherwise)
     # out_s, out_i: [G, C, k] one heap per (row, chunk); unfilled slots keep (-inf, int64 max)
-    n, n_heads, n_bytes = sigs.shape
+    n, n_heads, _ = sigs.shape
     n_rows, n_chunks, k = out_s.shape
-    n_words = qwords.shape[1]
     for task in nb.prange(n_rows * n_chunks):
         g = task // n_chunks
         c = task - g * n_chunks
@@ -291,18 +308,7 @@ def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, star
         hi = out_i[g, c]
         size = 0
         for i in range(start + c * chunk, min(n, start + (c + 1) * chunk)):
-            acc = 0
-            if use_words:
-                for j in range(n_words):
-                    acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
-            else:
-                for b in range(n_bytes):
-                    acc += lut[b, sigs[i, h, b]]
-            s = np.float32(acc)
-            if use_weights:
-                s = _weight_as_float32(weights[i, h]) * s
-            if s == 0:
-                s = np.float32(0.0)
+            s = _token_score(sigs, weights, lut, use_words, words, qwords, use_weights, i, h, g)
             if size == k and s <= hs[0]:  # rows arrive in index order: a tie with the root is never better
                 continue
             size = _offer(hs, hi, size, s, i)
@@ -312,9 +318,8 @@ def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, star
 def _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, out):
     # the same per-token arithmetic as _chunk_topk, but every score lands in out [G, N - start]; used when k is a
     # large fraction of N, where heap upkeep would cost more than one vectorised top-k over all scores
-    n, n_heads, n_bytes = sigs.shape
+    n, n_heads, _ = sigs.shape
     n_rows = out.shape[0]
-    n_words = qwords.shape[1]
     block = 4096
     n_blocks = (n - start + block - 1) // block
     for task in nb.prange(n_rows * n_blocks):
@@ -323,19 +328,7 @@ def _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, st
         h = g % n_heads
         lut = luts[g]
         for i in range(start + c * block, min(n, start + (c + 1) * block)):
-            acc = 0
-            if use_words:
-                for j in range(n_words):
-                    acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
-            else:
-                for b in range(n_bytes):
-                    acc += lut[b, sigs[i, h, b]]
-            s = np.float32(acc)
-            if use_weights:
-                s = _weight_as_float32(weights[i, h]) * s
-            if s == 0:
-                s = np.float32(0.0)
-            out[g, i - start] = s
+            out[g, i - start] = _token_score(sigs, weights, lut, use_words, words, qwords, use_weights, i, h, g)
 
 
 @nb.njit(parallel=True, cache=True)
