@@ -190,13 +190,12 @@ def selection_queries(q: torch.Tensor, nearest: int, farthest: int, rope: Rope, 
 
 
 def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
-                  rotation: np.ndarray):
+                  rotation: np.ndarray, retrieved: int):
     """Pick each block's cold tokens for every kv-head and dequantise them.
 
     q_grouped: [Hk, C, G, D] float32 pre-RoPE queries, G query heads per kv-head. Returns keys and values
-    [n_blocks, Hk, r, D] (pre-RoPE) and token ids [n_blocks, Hk, r], r = min(top_k_cold, cold tokens).
+    [n_blocks, Hk, r, D] (pre-RoPE) and token ids [n_blocks, Hk, r], r = `retrieved` (<= cold tokens).
     """
-    retrieved = min(config.top_k_cold, len(archive.signatures(layer)))
     n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
     q_summed = q_rotated.sum(axis=2)  # [Hk, C, D]: one first-stage query per kv-head
@@ -263,7 +262,8 @@ def chunk_attention(attn, memory: LayerMemory, archive, config: RetrievalConfig,
     context_v = [memory.sink_v]
     if retrieved:
         q_grouped = selection_queries(q, w + 1, (start - s) if shift == 0 else w + retrieved, rope, n_kv_heads)
-        keys, values, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, blocks, config, rotation)
+        keys, values, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, blocks, config, rotation,
+                                           retrieved)
         keys = rope.rotate(torch.from_numpy(keys).to(device, q.dtype), retrieved_positions(ids, s, shift))
         # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]; the mask below shows each block only its own
         context_k.append(keys.transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
@@ -309,7 +309,8 @@ def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rot
         view = memory.decode_view = DecodeView(keys, values, s, retrieved, w, shift)
     if retrieved:
         q_grouped = selection_queries(q, w + 1, (position - s) if shift == 0 else w + retrieved, rope, n_kv_heads)
-        cold_k, cold_v, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation)
+        cold_k, cold_v, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation,
+                                              retrieved)
         view.keys[:, s : s + retrieved] = rope.rotate(torch.from_numpy(cold_k[0]).to(k.device, k.dtype),
                                                       retrieved_positions(ids[0], s, shift))
         view.values[:, s : s + retrieved] = torch.from_numpy(cold_v[0]).to(v.device, v.dtype)
