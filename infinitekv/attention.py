@@ -1,21 +1,26 @@
-"""Retrieval attention: one layer's attention over sinks + retrieved cold tokens + hot window + the current chunk.
+"""Retrieval attention: one layer's attention over sinks + cold tokens + hot window + the current chunk.
 
 Read top to bottom, for one decoder layer and one chunk of C new tokens (C = 1 while decoding):
 
 1. project the chunk to queries, keys and values; keys stay pre-RoPE everywhere we keep them;
-2. split the chunk into selection blocks of `select_block` queries; for each block and kv-head, scan the cold tier's
-   signatures with the block's mean query (first stage, `search.search_many`), then rerank that shortlist with the
-   int8 keys against every query of the block and every query head of the GQA group (max of q.(k - mu)) and keep
-   the `top_k_cold` best; queries are first turned by RoPE to the typical distance of a cold key;
-3. apply RoPE at true positions while the sequence is short, and in the compact layout past
-   `true_positions_up_to` (sinks 0..s-1, retrieved s..s+r-1, window next, chunk last), so no relative distance
-   exceeds the trained window; with nothing cold both are exactly the original positions (`layout_shift`);
-4. one scaled-dot-product attention call per layer; a mask lets each block see only its own retrieved tokens;
-5. move the chunk into the hot tier and evict the oldest window tokens beyond `hot_window + evict_batch - 1` into
+2. while the whole sequence fits `dense_up_to` (by default the model's trained window) attention is exact: the
+   window keeps every token, at its true position, and tokens older than `hot_window` are only *written* to the
+   cold tier (so the archive is the same either way, and durable); the first chunk that would pass it drops them
+   from the window, and from then on the cold tier is read by retrieval;
+3. retrieval, per query: the chunk is split into selection blocks of `select_block` queries; for each block and
+   kv-head, the first stage scans the cold tier's signatures with the block's mean query (`search.search_many`)
+   for a shortlist; then every query reranks the block's shortlist with the int8 keys (max of q.(k - mu) over the
+   query heads of its GQA group) and keeps its own `top_k_cold` best. Queries are turned by RoPE to the typical
+   distance of a cold key first;
+4. positions: exact attention uses true positions; retrieval the compact layout (sinks 0..s-1, each query's
+   retrieved tokens s..s+r-1 in their original order, then the window and the chunk), so no relative distance
+   exceeds the trained window;
+5. attention: one softmax over the shared keys (sinks, window, causal chunk) and the query's own retrieved keys;
+6. move the chunk into the hot tier and write the oldest window tokens beyond `hot_window + evict_batch - 1` to
    the cold tier as records (`codec.encode_records`).
 
-Cost per chunk is O(cold tokens) for the scan plus O(C * (sinks + blocks * top_k + window + C)) for attention, so
-prefill grows about linearly with length instead of quadratically.
+Past `dense_up_to`, cost per chunk is O(cold tokens) for the scan plus O(C * (sinks + top_k + window + C)) for
+attention, so prefill grows about linearly with length instead of quadratically.
 """
 
 from __future__ import annotations
@@ -41,20 +46,35 @@ class RetrievalConfig:
     search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
     search_backend: str = "auto"
     rotation_seed: int = 0
-    true_positions_up_to: int = 4096  # shorter sequences keep every token's true position; longer ones, compact
+    # sequences up to this many tokens are attended exactly, every token at its true position (the cold tier is
+    # written, never read); longer ones switch to retrieval in the compact layout. None: the model's trained window
+    dense_up_to: int | None = None
+
+    @classmethod
+    def for_model(cls, model_config, **overrides) -> "RetrievalConfig":
+        """Defaults derived from a model's config: exact attention for as long as the model was trained to attend."""
+        config = cls(**overrides)
+        if config.dense_up_to is None:
+            config.dense_up_to = trained_window(model_config)
+        return config
 
     def compact_span(self) -> int:
         """The largest position the compact layout uses: sinks, retrieved, window and a chunk."""
         return self.sinks + self.top_k_cold + self.hot_window + self.evict_batch + self.chunk_size
 
 
+def trained_window(model_config) -> int:
+    return int(getattr(model_config, "max_position_embeddings", None) or 2048)
+
+
 class LayerMemory:
     """The hot tier of one layer, pre-RoPE. Cold tokens live in the archive; cold token i is position sinks + i.
 
-    The window lives in a buffer with spare capacity so a decode step appends in place. `decode_view` caches the
-    RoPE'd keys of the window at their true positions; they stay valid until the layout changes (a sink is
-    added, the number of retrieved tokens changes, or a batch is spilled), so a decode step rotates one new key and
-    the retrieved ones instead of the whole window.
+    The window lives in a buffer with spare capacity so a decode step appends in place. Its first `archived`
+    tokens are already in the archive too: while attention is exact the window keeps them (they are the exact
+    keys the full model would use), and the first step past `dense_up_to` drops them. `decode_view` caches the
+    RoPE'd keys of the window; they stay valid until the layout changes (a sink is added, the number of retrieved
+    tokens changes, or the window drops tokens), so a decode step rotates one new key and the retrieved ones.
     """
 
     def __init__(self, n_heads: int, head_dim: int, device, dtype):
@@ -64,6 +84,7 @@ class LayerMemory:
         self._window_k = empty  # [Hk, capacity, D]; the first window_len are live
         self._window_v = empty
         self.window_len = 0
+        self.archived = 0  # oldest window tokens that are also cold records
         self.key_mean: np.ndarray | None = None  # [Hk, D] float32, fixed at the first spill: the signature centre mu
         self.decode_view: DecodeView | None = None
 
@@ -75,9 +96,10 @@ class LayerMemory:
     def window_v(self) -> torch.Tensor:
         return self._window_v[:, : self.window_len]
 
-    def set_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def set_window(self, k: torch.Tensor, v: torch.Tensor, archived: int = 0) -> None:
         self._window_k, self._window_v = k.clone(), v.clone()
         self.window_len = k.shape[1]
+        self.archived = archived
         self.decode_view = None
 
     def append_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -93,11 +115,16 @@ class LayerMemory:
         self._window_v[:, self.window_len : end] = v
         self.window_len = end
 
-    def drop_oldest(self, n: int) -> None:
+    def drop_archived(self) -> None:
+        """Leave exact attention: the window forgets the tokens the archive holds."""
+        n = self.archived
+        if n == 0:
+            return
         remaining = self.window_len - n
         self._window_k[:, :remaining] = self._window_k[:, n : self.window_len].clone()
         self._window_v[:, :remaining] = self._window_v[:, n : self.window_len].clone()
         self.window_len = remaining
+        self.archived = 0
         self.decode_view = None
 
 
@@ -119,42 +146,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [H, T, D]; cos, sin: [T, D] or [H, T, D]
+    # x: [..., T, D]; cos, sin: [T, D]
     return x * cos + rotate_half(x) * sin
 
 
 class Rope:
-    """cos/sin at any positions, from the model's own inverse frequencies (so scaled RoPE variants are honoured),
-    computed in float64 so positions far past the trained window keep exact relative angles."""
+    """cos/sin tables from the model's own inverse frequencies (so scaled RoPE variants are honoured), computed in
+    float64 once per range of positions and kept in the model's dtype on its device; a step only indexes them."""
 
-    def __init__(self, rotary_emb: torch.nn.Module, trained_window: int, dtype, device):
+    def __init__(self, rotary_emb: torch.nn.Module, dtype, device):
         self.inv_freq = rotary_emb.inv_freq.detach().double().cpu()
         self.scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
-        self.trained_window = trained_window
         self.dtype, self.device = dtype, device
+        self.cos = self.sin = torch.empty(0, 2 * len(self.inv_freq), dtype=dtype, device=device)
 
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.double().cpu()[..., None] * self.inv_freq
+    def _grow(self, size: int) -> None:
+        size = max(size, 2 * self.cos.shape[0], 4096)
+        angles = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)
-        return ((angles.cos() * self.scaling).to(self.device, self.dtype),
-                (angles.sin() * self.scaling).to(self.device, self.dtype))
+        self.cos = (angles.cos() * self.scaling).to(self.device, self.dtype)
+        self.sin = (angles.sin() * self.scaling).to(self.device, self.dtype)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.at(positions)
+    def at(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, D] for positions start .. start + length - 1."""
+        if start + length > self.cos.shape[0]:
+            self._grow(start + length)
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """RoPE at consecutive positions start, start + 1, ... along x's second-to-last axis."""
+        cos, sin = self.at(start, x.shape[-2])
         return apply_rope(x, cos, sin)
-
-
-def layout_shift(n_cold: int, retrieved: int, last_query: int, config: RetrievalConfig) -> int:
-    """How far left the window, the chunk and the queries move from their true positions.
-
-    While the sequence is shorter than `true_positions_up_to`, nothing moves: retrieved tokens sit at their true
-    positions and the layout is exactly the original one. Past it, the compact layout: sinks 0..s-1, the retrieved
-    tokens packed at s..s+r-1 in their original order, then the window and the chunk, so no relative distance exceeds
-    sinks + top-k + window + chunk, far inside the trained window. Measured on SmolLM2: at 4k true positions give
-    median KL 0.010 against 0.032 compact; at 8k compact gives 0.34 against 0.58, and at 12k only the compact layout
-    found the needle (true positions, or squeezing far tokens into a band 2k-4k back, answered "100").
-    """
-    return 0 if last_query < config.true_positions_up_to else n_cold - retrieved
 
 
 def project_chunk(attn: torch.nn.Module, hidden: torch.Tensor):
@@ -174,27 +196,42 @@ def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def selection_queries(q: torch.Tensor, nearest: int, farthest: int, rope: Rope, n_kv_heads: int) -> np.ndarray:
+def selection_queries(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: int) -> np.ndarray:
     """Queries turned so that q'.k (pre-RoPE k) approximates the logit a cold key gets under RoPE.
 
-    RoPE makes the logit (R_p q).(R_j k) = (R_(p-j) q).k: it depends on the distance p - j. Cold keys sit between
-    `nearest` and `farthest` positions before the query, so every query is turned by the middle distance
-    (measured on SmolLM2 at 2k: median KL 0.0088 unturned -> 0.0043 turned, top-1 0.91 -> 0.95; also shrinking
-    the fast frequency pairs by their average over the span measured no better at 8k).
+    RoPE makes the logit (R_p q).(R_j k) = (R_(p-j) q).k: it depends on the distance p - j. In the compact layout
+    retrieved keys sit between w + 1 and w + r positions before the query, so every query is turned by the middle
+    of that span (measured on SmolLM2 at 2k: median KL 0.0088 unturned -> 0.0043 turned, top-1 0.91 -> 0.95).
     q: [Hq, C, D] -> float32 numpy [Hk, C, G, D].
     """
     n_q_heads, length, head_dim = q.shape
-    middle = torch.full((length,), (nearest + farthest) / 2, dtype=torch.float64)
-    turned = rope.rotate(q.detach().float(), middle).float()
+    cos, sin = rope.at(distance, 1)
+    turned = apply_rope(q.detach().float(), cos.float(), sin.float())
     return turned.view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
 
 
-def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
-                  rotation: np.ndarray, retrieved: int):
-    """Pick each block's cold tokens for every kv-head and dequantise them.
+def decode_cold(archive, layer: int, ids: np.ndarray, memory: LayerMemory, rotation: np.ndarray):
+    """Dequantised pre-RoPE keys and values of cold tokens ids [Hk, ...] (each head its own ids): [Hk, ..., D]."""
+    records = archive.records(layer)
+    n_heads = ids.shape[0]
+    head_dim = rotation.shape[0]
+    keys = np.empty(ids.shape + (head_dim,), np.float32)
+    values = np.empty(ids.shape + (head_dim,), np.float32)
+    for h in range(n_heads):  # each token decoded once, however many queries picked it
+        unique, inverse = np.unique(ids[h], return_inverse=True)
+        chosen = records[unique, h]
+        keys[h] = (codec.decode_keys_rotated(chosen, head_dim) @ rotation + memory.key_mean[h])[inverse.reshape(
+            ids.shape[1:])]
+        values[h] = codec.decode_values(chosen, head_dim)[inverse.reshape(ids.shape[1:])]
+    return keys, values
 
-    q_grouped: [Hk, C, G, D] float32 pre-RoPE queries, G query heads per kv-head. Returns keys and values
-    [n_blocks, Hk, r, D] (pre-RoPE) and token ids [n_blocks, Hk, r], r = `retrieved` (<= cold tokens).
+
+def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig, rotation: np.ndarray,
+                retrieved: int) -> np.ndarray:
+    """Each query's own cold tokens, per kv-head: ids [Hk, C, r] sorted ascending, r = `retrieved`.
+
+    q_grouped: [Hk, C, G, D] float32 pre-RoPE queries, G query heads per kv-head. The first stage runs once per
+    block (its mean query); the rerank scores the block's shortlist for every query and the query keeps its best.
     """
     n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
@@ -205,18 +242,14 @@ def retrieve_cold(archive, layer: int, memory: LayerMemory, q_grouped: np.ndarra
         mode=config.search_mode, backend=config.search_backend,
     )  # [n_blocks, Hk, L]
     shortlist = np.sort(shortlist, axis=-1)  # token order: equal rerank scores then go to the lower token id
-    records = archive.records(layer)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
-    # max over the block's queries and every query head of the group: one head's strong interest (an induction
-    # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
-    rerank = codec.score_shortlist(records, shortlist, q_rotated.reshape(n_heads, length * group, head_dim),
-                                   starts * group)
+    # max over the query heads of the group: one head's strong interest (an induction head copying a number) must
+    # not be averaged away by its neighbours (measured: summing lost a digit at 12k)
+    rerank = codec.score_shortlist(archive.records(layer), shortlist, q_rotated, starts)  # [Hk, C, L]
     _, best = search.top_k_rows(rerank, retrieved)  # equal tokens have equal keys at layer 0: ties are common
-    chosen_ids = np.sort(np.take_along_axis(shortlist, best, axis=-1), axis=-1)  # [n_blocks, Hk, r]
-    chosen = records[chosen_ids, np.arange(n_heads)[None, :, None]]  # [n_blocks, Hk, r, record_bytes]
-    chosen_keys = codec.decode_keys_rotated(chosen, head_dim) @ rotation + memory.key_mean[None, :, None]
-    chosen_values = codec.decode_values(chosen, head_dim)
-    return chosen_keys, chosen_values, chosen_ids
+    block_of_query = np.repeat(np.arange(len(blocks)), np.diff(starts))
+    per_query = shortlist.transpose(1, 0, 2)[:, block_of_query]  # [Hk, C, L]
+    return np.sort(np.take_along_axis(per_query, best, axis=-1), axis=-1)
 
 
 def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: LayerMemory, archive,
@@ -225,127 +258,151 @@ def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: Lay
     layer = attn.layer_idx
     q, k, v = project_chunk(attn, hidden)  # [Hq, C, D], [Hk, C, D], [Hk, C, D]
     n_q_heads, length, head_dim = q.shape
-    n_kv_heads = k.shape[0]
-    s, w = memory.sink_k.shape[1], memory.window_len
     n_cold = len(archive.signatures(layer))
-    first = s + n_cold + w  # true position of the chunk's first token; cold token i is at s + i
-    retrieved = min(config.top_k_cold, n_cold) if config.top_k_cold > 0 else 0
-    shift = layout_shift(n_cold, retrieved, first + length - 1, config)
-    counters["retrieved_tokens"] = counters.get("retrieved_tokens", 0) + retrieved * n_kv_heads * (
-        1 if length == 1 else len(select_blocks(length, config.select_block)))
+    s = memory.sink_k.shape[1]
+    end = s + n_cold - memory.archived + memory.window_len + length  # the sequence's length after this chunk
+    dense = config.top_k_cold > 0 and end <= config.dense_up_to
+    if dense and memory.archived < n_cold:  # resumed from an archive: the window gets its cold tokens back
+        restore_exact_window(memory, archive, layer, n_cold, rotation)
+    if not dense:
+        memory.drop_archived()
+    retrieved = 0 if dense else min(config.top_k_cold, n_cold)
+    counters["cold_tokens_attended"] = counters.get("cold_tokens_attended", 0) + length * (
+        n_cold if dense else retrieved)
+    counters["query_tokens"] = counters.get("query_tokens", 0) + length
+    shift = n_cold - retrieved if not dense else 0  # positions skipped by the compact layout
+    first = end - length - shift  # where the chunk starts in the layout
     if length == 1:
         out = decode_step(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first, shift)
     else:
         memory.decode_view = None
-        out = chunk_attention(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first, shift)
-    update_hot_tier(memory, k, v, archive, layer, config, rotation)
-    return attn.o_proj(out.transpose(1, 2).reshape(1, length, n_q_heads * head_dim))
+        out = chunk_attention(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first)
+    update_hot_tier(memory, k, v, archive, layer, config, rotation, dense)
+    return attn.o_proj(out.transpose(0, 1).reshape(1, length, n_q_heads * head_dim))
 
 
-def retrieved_positions(ids: np.ndarray, s: int, shift: int) -> torch.Tensor:
-    """RoPE positions of retrieved tokens (ids sorted ascending on the last axis): true, or packed after the sinks."""
-    if shift == 0:
-        return torch.from_numpy(ids + s)
-    return torch.arange(s, s + ids.shape[-1]).expand(ids.shape)
+def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int, rotation: np.ndarray) -> None:
+    """Put the cold tokens the window lacks back in front of it, dequantised (after a resume inside the span)."""
+    missing = n_cold - memory.archived
+    ids = np.broadcast_to(np.arange(missing), (memory.sink_k.shape[0], missing))
+    keys, values = decode_cold(archive, layer, ids, memory, rotation)
+    as_tensor = lambda a: torch.from_numpy(a).to(memory.sink_k.device, memory.sink_k.dtype)  # noqa: E731
+    memory.set_window(torch.cat([as_tensor(keys), memory.window_k], dim=1),
+                      torch.cat([as_tensor(values), memory.window_v], dim=1), archived=n_cold)
+
+
+def retrieve(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope, q,
+             blocks, retrieved: int):
+    """Each query's retrieved keys, RoPE'd at the compact slots s..s+r-1, and values: [Hk, C, r, D] each."""
+    n_kv_heads = memory.sink_k.shape[0]
+    s, w = memory.sink_k.shape[1], memory.window_len
+    q_grouped = selection_queries(q, w + (retrieved + 1) // 2, rope, n_kv_heads)
+    ids = select_cold(archive, attn.layer_idx, q_grouped, blocks, config, rotation, retrieved)
+    keys, values = decode_cold(archive, attn.layer_idx, ids, memory, rotation)
+    device, dtype = q.device, q.dtype
+    keys = rope.rotate(torch.from_numpy(keys).to(device, dtype), s)
+    return keys, torch.from_numpy(values).to(device, dtype)
 
 
 def chunk_attention(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,
-                    q, k, v, retrieved: int, first: int, shift: int) -> torch.Tensor:
-    """A prefill chunk: each block of `select_block` queries attends to its own retrieved tokens."""
+                    q, k, v, retrieved: int, first: int) -> torch.Tensor:
+    """A prefill chunk: shared keys (sinks, window, causal chunk) plus each query's own retrieved keys."""
     n_q_heads, length, head_dim = q.shape
     n_kv_heads = k.shape[0]
-    device = q.device
     s, w = memory.sink_k.shape[1], memory.window_len
-    start = first - shift  # where the chunk sits in the layout
-    blocks = select_blocks(length, config.select_block)
-    context_k = [rope.rotate(memory.sink_k, torch.arange(s))]
-    context_v = [memory.sink_v]
-    if retrieved:
-        q_grouped = selection_queries(q, w + 1, (start - s) if shift == 0 else w + retrieved, rope, n_kv_heads)
-        keys, values, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, blocks, config, rotation,
-                                           retrieved)
-        keys = rope.rotate(torch.from_numpy(keys).to(device, q.dtype), retrieved_positions(ids, s, shift))
-        # [n_blocks, Hk, r, D] -> [Hk, n_blocks * r, D]; the mask below shows each block only its own
-        context_k.append(keys.transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
-        context_v.append(torch.from_numpy(values).to(device, q.dtype).transpose(0, 1).reshape(n_kv_heads, -1, head_dim))
-    context_k.append(rope.rotate(memory.window_k, torch.arange(start - w, start)))
-    context_v.append(memory.window_v)
-    context_k.append(rope.rotate(k, torch.arange(start, start + length)))
-    context_v.append(v)
-    keys = torch.cat(context_k, dim=1)
-    values = torch.cat(context_v, dim=1)
-    queries = rope.rotate(q, torch.arange(start, start + length))
+    keys = torch.cat([rope.rotate(memory.sink_k, 0), rope.rotate(memory.window_k, first - w),
+                      rope.rotate(k, first)], dim=1)  # [Hk, S, D]
+    values = torch.cat([memory.sink_v, memory.window_v, v], dim=1)
+    mask = torch.ones(length, keys.shape[1], dtype=torch.bool, device=q.device)
+    mask[:, -length:] = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    queries = rope.rotate(q, first)
+    if not retrieved:
+        return F.scaled_dot_product_attention(
+            queries[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
+            enable_gqa=n_q_heads != n_kv_heads,
+        )[0]  # [Hq, C, D]
+    cold_k, cold_v = retrieve(attn, memory, archive, config, rotation, rope, q,
+                              select_blocks(length, config.select_block), retrieved)
+    return attend_with_retrieved(queries, keys, values, mask, cold_k, cold_v, attn.scaling)
 
-    mask = torch.ones(length, keys.shape[1], dtype=torch.bool, device=device)
-    if retrieved:
-        mask[:, s : s + retrieved * len(blocks)] = False
-        for index, (a, b) in enumerate(blocks):
-            begin = s + index * retrieved
-            mask[a:b, begin : begin + retrieved] = True
-    mask[:, -length:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    return F.scaled_dot_product_attention(
-        queries[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
-        enable_gqa=n_q_heads != n_kv_heads,
-    )  # [1, Hq, C, D]
+
+def attend_with_retrieved(queries, keys, values, mask, cold_k, cold_v, scale: float) -> torch.Tensor:
+    """One softmax over shared keys and per-query keys.
+
+    queries [Hq, C, D]; keys, values [Hk, S, D] seen through mask [C, S]; cold_k, cold_v [Hk, C, r, D], query c
+    seeing only its own r. Returns [Hq, C, D].
+    """
+    n_q_heads, length, head_dim = queries.shape
+    n_kv_heads = keys.shape[0]
+    grouped = queries.view(n_kv_heads, n_q_heads // n_kv_heads, length, head_dim)  # [Hk, G, C, D]
+    shared = torch.einsum("hgcd,hsd->hgcs", grouped, keys) * scale
+    shared = shared.masked_fill(~mask, float("-inf"))
+    own = torch.einsum("hgcd,hcrd->hgcr", grouped, cold_k) * scale
+    top = torch.maximum(shared.amax(dim=-1, keepdim=True), own.amax(dim=-1, keepdim=True))
+    shared = torch.exp(shared - top)
+    own = torch.exp(own - top)
+    total = shared.sum(dim=-1, keepdim=True) + own.sum(dim=-1, keepdim=True)
+    out = torch.einsum("hgcs,hsd->hgcd", shared, values) + torch.einsum("hgcr,hcrd->hgcd", own, cold_v)
+    return (out / total).reshape(n_q_heads, length, head_dim)
 
 
 def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,
-                q, k, v, retrieved: int, first: int, shift: int) -> torch.Tensor:
+                q, k, v, retrieved: int, position: int, shift: int) -> torch.Tensor:
     """One new token: the same attention as a chunk, reusing the window's RoPE'd keys while the layout holds."""
     n_kv_heads, _, head_dim = k.shape
     s, w = memory.sink_k.shape[1], memory.window_len
-    position = first - shift
     view = memory.decode_view
     if (view is None or (view.sinks, view.retrieved, view.window, view.shift) != (s, retrieved, w, shift)
             or s + retrieved + w + 1 > view.keys.shape[1]):
         capacity = s + retrieved + w + config.evict_batch + 1
         keys = k.new_empty(n_kv_heads, capacity, head_dim)
         values = v.new_empty(n_kv_heads, capacity, head_dim)
-        keys[:, :s] = rope.rotate(memory.sink_k, torch.arange(s))
+        keys[:, :s] = rope.rotate(memory.sink_k, 0)
         values[:, :s] = memory.sink_v
         begin = s + retrieved
-        keys[:, begin : begin + w] = rope.rotate(memory.window_k, torch.arange(position - w, position))
+        keys[:, begin : begin + w] = rope.rotate(memory.window_k, position - w)
         values[:, begin : begin + w] = memory.window_v
         view = memory.decode_view = DecodeView(keys, values, s, retrieved, w, shift)
     if retrieved:
-        q_grouped = selection_queries(q, w + 1, (position - s) if shift == 0 else w + retrieved, rope, n_kv_heads)
-        cold_k, cold_v, ids = retrieve_cold(archive, attn.layer_idx, memory, q_grouped, [(0, 1)], config, rotation,
-                                              retrieved)
-        view.keys[:, s : s + retrieved] = rope.rotate(torch.from_numpy(cold_k[0]).to(k.device, k.dtype),
-                                                      retrieved_positions(ids[0], s, shift))
-        view.values[:, s : s + retrieved] = torch.from_numpy(cold_v[0]).to(v.device, v.dtype)
+        cold_k, cold_v = retrieve(attn, memory, archive, config, rotation, rope, q, [(0, 1)], retrieved)
+        view.keys[:, s : s + retrieved] = cold_k[:, 0]
+        view.values[:, s : s + retrieved] = cold_v[:, 0]
     end = s + retrieved + w
-    view.keys[:, end : end + 1] = rope.rotate(k, torch.tensor([position]))
+    view.keys[:, end : end + 1] = rope.rotate(k, position)
     view.values[:, end : end + 1] = v
     view.window = w + 1  # update_hot_tier appends this token to the window next (or resets the view)
-    queries = rope.rotate(q, torch.tensor([position]))
+    queries = rope.rotate(q, position)
     return F.scaled_dot_product_attention(
         queries[None], view.keys[None, :, : end + 1], view.values[None, :, : end + 1], scale=attn.scaling,
         enable_gqa=q.shape[0] != n_kv_heads,
-    )  # [1, Hq, 1, D]
+    )[0]  # [Hq, 1, D]
 
 
 def update_hot_tier(memory: LayerMemory, k: torch.Tensor, v: torch.Tensor, archive, layer: int,
-                    config: RetrievalConfig, rotation: np.ndarray) -> None:
-    """Append the chunk to the hot tier; spill the oldest window tokens to the cold tier in batches."""
+                    config: RetrievalConfig, rotation: np.ndarray, dense: bool) -> None:
+    """Append the chunk to the hot tier; write the oldest window tokens to the cold tier in batches (and, unless
+    attention is exact, drop them from the window)."""
     missing_sinks = max(0, config.sinks - memory.sink_k.shape[1])
     if missing_sinks:
         memory.sink_k = torch.cat([memory.sink_k, k[:, :missing_sinks]], dim=1)
         memory.sink_v = torch.cat([memory.sink_v, v[:, :missing_sinks]], dim=1)
         k, v = k[:, missing_sinks:], v[:, missing_sinks:]
     memory.append_window(k, v)
-    w = memory.window_len
-    if w < config.hot_window + config.evict_batch:
-        return
-    spill = w - config.hot_window
-    spilled_k = memory.window_k[:, :spill].float().cpu().numpy().transpose(1, 0, 2)  # [n, Hk, D]
-    spilled_v = memory.window_v[:, :spill].float().cpu().numpy().transpose(1, 0, 2)
-    if memory.key_mean is None:
-        # centre of this layer's signatures: the mean pre-RoPE key of the first window we spill from (sinks are
-        # outliers by design, so they are left out); any fixed centre keeps q.(k - mu) rank-equal to q.k
-        memory.key_mean = memory.window_k.float().mean(dim=1).cpu().numpy()
-    n, n_heads, head_dim = spilled_k.shape
-    centred_rotated = (spilled_k - memory.key_mean[None]) @ rotation.T
-    records = codec.encode_records(centred_rotated.reshape(n * n_heads, head_dim), spilled_v.reshape(n * n_heads, head_dim))
-    archive.append(layer, records.reshape(n, n_heads, -1))
-    memory.drop_oldest(spill)
+    unarchived = memory.window_len - memory.archived
+    if unarchived >= config.hot_window + config.evict_batch:
+        spill = unarchived - config.hot_window
+        begin = memory.archived
+        if memory.key_mean is None:
+            # centre of this layer's signatures: the mean pre-RoPE key of the first window we spill from (sinks are
+            # outliers by design, so they are left out); any fixed centre keeps q.(k - mu) rank-equal to q.k
+            memory.key_mean = memory.window_k[:, begin:].float().mean(dim=1).cpu().numpy()
+        spilled_k = memory.window_k[:, begin : begin + spill].float().cpu().numpy().transpose(1, 0, 2)  # [n, Hk, D]
+        spilled_v = memory.window_v[:, begin : begin + spill].float().cpu().numpy().transpose(1, 0, 2)
+        n, n_heads, head_dim = spilled_k.shape
+        centred_rotated = (spilled_k - memory.key_mean[None]) @ rotation.T
+        records = codec.encode_records(centred_rotated.reshape(n * n_heads, head_dim),
+                                       spilled_v.reshape(n * n_heads, head_dim))
+        archive.append(layer, records.reshape(n, n_heads, -1))
+        memory.archived += spill
+    if not dense:
+        memory.drop_archived()

@@ -125,7 +125,7 @@ def _half_to_float(low, high):
 @nb.njit(parallel=True, cache=True, fastmath=True)
 def _score_shortlist(records, shortlist, queries, block_starts, out):
     n_blocks, n_heads, n_candidates = shortlist.shape
-    d = queries.shape[2]
+    group, d = queries.shape[2], queries.shape[3]
     scale_at = d + d // 2
     for task in nb.prange(n_blocks * n_heads):
         b = task // n_heads
@@ -136,25 +136,28 @@ def _score_shortlist(records, shortlist, queries, block_starts, out):
             for e in range(d):
                 code = np.int32(records[token, h, e])
                 key[e] = code - 256 if code >= 128 else code
-            best = -np.inf
+            scale = _half_to_float(np.int32(records[token, h, scale_at]), np.int32(records[token, h, scale_at + 1]))
             for c in range(block_starts[b], block_starts[b + 1]):
-                dot = np.float32(0.0)
-                for e in range(d):
-                    dot += key[e] * queries[h, c, e]
-                if dot > best:
-                    best = dot
-            out[b, h, j] = best * _half_to_float(np.int32(records[token, h, scale_at]),
-                                                 np.int32(records[token, h, scale_at + 1]))
+                best = -np.inf
+                for g in range(group):
+                    dot = np.float32(0.0)
+                    for e in range(d):
+                        dot += key[e] * queries[h, c, g, e]
+                    if dot > best:
+                        best = dot
+                out[h, c, j] = best * scale
 
 
 def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndarray, block_starts: np.ndarray):
     """Rerank scores straight from the int8 key codes, without materialising float keys.
 
-    records [N, H, record_bytes] (may be a memmap); shortlist [n_blocks, H, L] token ids; queries [H, C, D] in the
-    rotated basis; block b owns queries block_starts[b]:block_starts[b+1]. Returns float32 [n_blocks, H, L]:
-    max over the block's queries of q . x (x = dequantised R(k - mu)).
+    records [N, H, record_bytes] (may be a memmap); shortlist [n_blocks, H, L] token ids; queries [H, C, G, D] in
+    the rotated basis, G query heads per kv-head; block b owns queries block_starts[b]:block_starts[b+1] and
+    shortlist[b]. Returns float32 [H, C, L]: for query c, the max over its G heads of q . x against its block's
+    candidates (x = dequantised R(k - mu)).
     """
-    out = np.empty(shortlist.shape, dtype=np.float32)
+    n_heads, length = queries.shape[:2]
+    out = np.empty((n_heads, length, shortlist.shape[2]), dtype=np.float32)
     _score_shortlist(records, np.ascontiguousarray(shortlist), np.ascontiguousarray(queries, dtype=np.float32),
                      np.ascontiguousarray(block_starts, dtype=np.int64), out)
     return out

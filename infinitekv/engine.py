@@ -20,11 +20,11 @@ import torch
 
 from infinitekv import codec
 from infinitekv.archive import Archive, Layout
-from infinitekv.attention import LayerMemory, RetrievalConfig, Rope, retrieval_attention
+from infinitekv.attention import LayerMemory, RetrievalConfig, Rope, retrieval_attention, trained_window
 from infinitekv.errors import IKVError
 from infinitekv.models import check_supported, weights_sha256
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: exact attention inside the trained window (config dense_up_to)
 
 
 @dataclass
@@ -33,7 +33,11 @@ class Counters:
     prefill_seconds: float = 0.0
     decode_steps: int = 0
     decode_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)  # retrieved_tokens, filled by the attention
+    extra: dict = field(default_factory=dict)  # cold_tokens_attended and query_tokens, summed over layers by the attention
+
+    def cold_tokens_per_step(self) -> float:
+        """Average cold tokens each query token attended, per layer and kv-head (all of them while exact)."""
+        return self.extra.get("cold_tokens_attended", 0) / max(1, self.extra.get("query_tokens", 0))
 
 
 def model_layout(model) -> Layout:
@@ -70,7 +74,7 @@ class Session:
         self.token_ids: list[int] = []
         self.transcript = ""  # the text whose tokens are in the cache, for continuing chat turns
         self.messages: list[dict] = []
-        self.rope = Rope(model.model.rotary_emb, trained_window(model), self.dtype, self.device)
+        self.rope = Rope(model.model.rotary_emb, self.dtype, self.device)
 
     # ---- feeding tokens -------------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> torch.Tensor:
@@ -164,8 +168,11 @@ class Session:
             "rotation": self.rotation,
         }
         for index, memory in enumerate(self.memories):
-            for name in ("sink_k", "sink_v", "window_k", "window_v"):
-                arrays[f"layer{index}.{name}"] = getattr(memory, name).float().cpu().numpy()
+            # the window's archived tokens are in the records already: a resume decodes them from there
+            hot = {"sink_k": memory.sink_k, "sink_v": memory.sink_v,
+                   "window_k": memory.window_k[:, memory.archived :], "window_v": memory.window_v[:, memory.archived :]}
+            for name, tensor in hot.items():
+                arrays[f"layer{index}.{name}"] = tensor.float().cpu().numpy()
             if memory.key_mean is not None:
                 arrays[f"layer{index}.key_mean"] = memory.key_mean
         meta = {
@@ -209,7 +216,7 @@ class Session:
     def memory_bill(self) -> dict:
         """Bytes per tier, against the fp16 KV cache the cold tier replaces."""
         element = torch.finfo(self.dtype).bits // 8
-        hot_tokens = sum(m.sink_k.shape[1] + m.window_k.shape[1] for m in self.memories)
+        hot_tokens = sum(m.sink_k.shape[1] + m.window_len for m in self.memories)
         layout = self.layout
         cold_tokens = len(self.archive.signatures(0)) if layout.n_layers else 0
         index_bytes = sum(self.archive.signatures(i).nbytes + self.archive.key_weights(i).nbytes
@@ -247,12 +254,8 @@ def print_progress(label: str, done: int, total: int, tokens: int) -> None:
           end=end, file=sys.stderr, flush=True)
 
 
-def trained_window(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
-
-
 def check_budget(model, config: RetrievalConfig) -> None:
-    trained = trained_window(model)
+    trained = trained_window(model.config)
     if config.compact_span() > trained:
         raise IKVError(
             f"sinks + top-k-cold + hot-window + evict batch + chunk = {config.compact_span()} positions exceeds the "
@@ -271,7 +274,7 @@ def enable(model, *, tokenizer=None, archive: str | Archive | None = None, mode:
     archive: a directory (created, or reopened with resume=True), an open Archive, or None for an in-RAM archive.
     """
     check_supported(model)
-    config = config or RetrievalConfig()
+    config = RetrievalConfig.for_model(model.config, **asdict(config or RetrievalConfig()))
     check_budget(model, config)
     fingerprint = fingerprint or weights_sha256(model)
     owns_archive = not isinstance(archive, Archive)

@@ -61,14 +61,16 @@ def test_rotation_is_orthogonal_and_fixed_by_its_seed():
     assert not np.allclose(rotation, codec.rotation_matrix(64, 1))
 
 
-def test_rerank_scores_equal_dequantised_dot_products_maxed_over_each_block():
+def test_rerank_scores_each_query_against_its_blocks_shortlist_maxed_over_its_heads():
     keys, values = sample(3000)
     records = codec.encode_records(keys, values).reshape(1000, 3, 104)
     rng = np.random.default_rng(1)
     shortlist = rng.integers(0, 1000, (2, 3, 50))
-    queries = rng.standard_normal((3, 10, 64)).astype(np.float32)
+    queries = rng.standard_normal((3, 10, 2, 64)).astype(np.float32)  # [H, C, G, D]
     got = codec.score_shortlist(records, shortlist, queries, np.array([0, 4, 10]))
     dequantised = codec.decode_keys_rotated(records, 64)
-    want = np.stack([np.stack([(dequantised[shortlist[b, h], h] @ queries[h, a:c].T).max(axis=1) for h in range(3)])
-                     for b, (a, c) in enumerate([(0, 4), (4, 10)])])
+    block_of = [0] * 4 + [1] * 6
+    want = np.stack([np.stack([(queries[h, c] @ dequantised[shortlist[block_of[c], h], h].T).max(axis=0)
+                               for c in range(10)]) for h in range(3)])
+    assert got.shape == (3, 10, 50)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
