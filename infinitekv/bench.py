@@ -18,6 +18,7 @@ from infinitekv.corpus import english_text
 from infinitekv.engine import enable
 from infinitekv.models import LoadedModel, weights_sha256
 from infinitekv.needles import passkey
+from infinitekv.tasks import KINDS, make_case, score
 
 
 def gate_weights(loaded: LoadedModel, config: RetrievalConfig) -> dict:
@@ -94,21 +95,23 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
     }
 
 
-def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: Path | None) -> tuple[str, int]:
+def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: Path | None = None,
+            max_new_tokens: int = 24) -> tuple[str, int, float]:
+    """(reply, tokens read, cold tokens attended per step) through the engine."""
     mode = "disk" if archive_dir else "ram"
     with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir) if archive_dir
                 else None, mode=mode, fingerprint=loaded.weights_sha256) as session:
-        answer = session.ask(needle.question, needle.document, max_new_tokens=24)
-        return answer, len(session.token_ids)
+        answer = session.ask(needle.question, needle.document, max_new_tokens=max_new_tokens)
+        return answer, len(session.token_ids), session.counters.cold_tokens_per_step()
 
 
-def _unmodified_answer(loaded: LoadedModel, needle) -> str:
+def _unmodified_answer(loaded: LoadedModel, needle, max_new_tokens: int = 24) -> str:
     tokenizer = loaded.tokenizer
     messages = [{"role": "user", "content": needle.document + "\n\n" + needle.question}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
     with torch.no_grad():
-        out = loaded.model.generate(ids, max_new_tokens=24, do_sample=False)
+        out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -124,10 +127,10 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
                 needle = passkey(loaded.tokenizer, length, depth, seed=int(depth * 1000) + length)
                 cell = {"length": length, "depth": depth, "key": needle.answer}
                 archive_dir = Path(scratch) / f"{length}-{depth}"
-                cell["on"], cell["tokens"] = _answer(loaded, needle, config, archive_dir)
+                cell["on"], cell["tokens"], cell["cold_tokens_per_step"] = _answer(loaded, needle, config, archive_dir)
                 shutil.rmtree(archive_dir, ignore_errors=True)
                 cell["on_found"] = needle.answer in cell["on"]
-                cell["off"], _ = _answer(loaded, needle, off, None)
+                cell["off"], _, _ = _answer(loaded, needle, off)
                 cell["off_found"] = needle.answer in cell["off"]
                 if length <= unmodified_up_to:
                     cell["unmodified"] = _unmodified_answer(loaded, needle)
@@ -141,11 +144,185 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
         if length <= unmodified_up_to:
             metrics[f"found_unmodified_at_{length}"] = receipts.metric(
                 sum(c["unmodified_found"] for c in row), "of %d" % len(row))
+    metrics["cold_tokens_per_step"] = receipts.metric(
+        round(float(np.mean([c["cold_tokens_per_step"] for c in cells])), 2), "tokens per layer and kv-head")
     if heatmap is not None:
         _draw_heatmap(cells, lengths, depths, heatmap)
     return {"config": {**asdict(config), "lengths": list(lengths), "depths": list(depths)},
             "outputs": {"cells": cells, "heatmap": receipts.portable_path(heatmap) if heatmap else None},
             "metrics": metrics}
+
+
+def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 8192, 12288, 32768), kinds=KINDS,
+                cases: int = 1, seed: int = 0, unmodified_up_to: int | None = None) -> dict:
+    """The task suite (`tasks.py`) at each length: the engine, the engine with cold retrieval off (sinks + window),
+    and the unmodified model where the prompt fits its trained window. Scores are fractions of expected values."""
+    from infinitekv.attention import trained_window
+
+    unmodified_up_to = unmodified_up_to or trained_window(loaded.model.config)
+    off = RetrievalConfig(**{**asdict(config), "top_k_cold": 0})
+    rows = []
+    for length in lengths:
+        for kind in kinds:
+            for index in range(cases):
+                case = make_case(loaded.tokenizer, kind, length, seed * 1000 + index)
+                row = {"length": length, "kind": kind, "case": index, "question": case.question,
+                       "answers": case.answers}
+                row["on"], row["tokens"], row["cold_tokens_per_step"] = _answer(loaded, case, config,
+                                                                                max_new_tokens=48)
+                row["off"], _, _ = _answer(loaded, case, off, max_new_tokens=48)
+                row["on_score"], row["off_score"] = score(case, row["on"]), score(case, row["off"])
+                if row["tokens"] <= unmodified_up_to:
+                    row["unmodified"] = _unmodified_answer(loaded, case, max_new_tokens=48)
+                    row["unmodified_score"] = score(case, row["unmodified"])
+                rows.append(row)
+    metrics = {}
+    for length in lengths:
+        at = [r for r in rows if r["length"] == length]
+        for system in ("on", "off", "unmodified"):
+            scored = [r[f"{system}_score"] for r in at if f"{system}_score" in r]
+            if scored:
+                metrics[f"score_{system}_at_{length}"] = receipts.metric(round(float(np.mean(scored)), 4),
+                                                                        f"mean of {len(scored)} cases")
+    metrics["cold_tokens_per_step"] = receipts.metric(
+        round(float(np.mean([r["cold_tokens_per_step"] for r in rows])), 2), "tokens per layer and kv-head")
+    return {"config": {**asdict(config), "lengths": list(lengths), "kinds": list(kinds), "cases": cases,
+                       "seed": seed, "unmodified_up_to": unmodified_up_to},
+            "outputs": {"rows": rows}, "metrics": metrics}
+
+
+class _ColdPrefix:
+    """The first n cold tokens of one layer's records, seen through the archive's read interface."""
+
+    def __init__(self, records: np.ndarray, head_dim: int, n: int):
+        from infinitekv import codec
+
+        self._records = records[:n]
+        self._signatures = codec.signatures_from_records(self._records, head_dim)
+        self._weights = codec.key_mean_abs(self._records, head_dim).astype(np.float16)
+
+    def signatures(self, layer):
+        return self._signatures
+
+    def key_weights(self, layer):
+        return self._weights
+
+    def records(self, layer):
+        return self._records
+
+
+def _capture_qk(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pre-RoPE queries [Hq, L, D] and keys [Hk, L, D] of every layer, from one pass of the unmodified model."""
+    from infinitekv.attention import project_chunk
+
+    queries, keys, hooks = [], [], []
+
+    def capture(attn, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        with torch.no_grad():
+            q, k, _ = project_chunk(attn, hidden)
+        queries.append(q.float())
+        keys.append(k.float())
+
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.register_forward_pre_hook(capture, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return queries, keys
+
+
+def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4096, 8192, 12288),
+                   queries: int = 16, heatmap: Path | None = None) -> dict:
+    """Share of the exact softmax mass on sinks + window + retrieved tokens, per layer and kv-head, for decode
+    queries and prefill blocks, against the oracle (the exact best cold tokens, as many) and the hot tier alone.
+    Retrieval is measured at every length, also inside `dense_up_to` where the engine itself attends exactly."""
+    from infinitekv import codec
+    from infinitekv.attention import Rope, select_blocks, select_cold, selection_queries
+    from infinitekv.coverage import covered_mass
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    n_layers = model.config.num_hidden_layers
+    text_ids = tokenizer(english_text(max(lengths) * 8), add_special_tokens=False)["input_ids"]
+    rope = Rope(model.model.rotary_emb, torch.float32, "cpu")
+    s, w, block = config.sinks, config.hot_window, config.select_block
+    per_length, metrics = {}, {}
+    for length in lengths:
+        ids = text_ids[:length]
+        all_q, all_k = _capture_qk(model, ids)
+        n_kv, _, head_dim = all_k[0].shape
+        rotation = codec.rotation_matrix(head_dim, config.rotation_seed)
+        positions = np.linspace(length - 8 * block, length - 1, queries).astype(int)
+        table = {mode: {part: np.zeros((n_layers, n_kv)) for part in ("retrieved", "oracle", "hot")}
+                 for mode in ("decode", "prefill")}
+        for layer in range(n_layers):
+            attn = model.model.layers[layer].self_attn
+            q_pre, k_pre = all_q[layer], all_k[layer]
+            key_mean = k_pre[:, s : s + w + config.evict_batch].mean(dim=1).numpy()
+            centred = ((k_pre[:, s:].numpy() - key_mean[:, None]) @ rotation.T).transpose(1, 0, 2)  # [n, Hk, D]
+            values = all_k[layer].new_zeros(centred.shape).numpy()  # values do not enter the softmax
+            records = codec.encode_records(centred.reshape(-1, head_dim), values.reshape(-1, head_dim)).reshape(
+                centred.shape[0], n_kv, -1)
+            keys_roped = rope.rotate(k_pre, 0)  # [Hk, L, D] at true positions
+            for mode in ("decode", "prefill"):
+                for t in positions:
+                    first = t if mode == "decode" else t - block + 1  # the block's first query
+                    n_cold = first - w - s
+                    retrieved = min(config.top_k_cold, n_cold)
+                    q_block = q_pre[:, first : t + 1]  # [Hq, C, D]
+                    q_grouped = selection_queries(q_block, w + (retrieved + 1) // 2, rope, n_kv)
+                    picked = select_cold(_ColdPrefix(records, head_dim, n_cold), layer, q_grouped,
+                                         select_blocks(q_block.shape[1], block), config, rotation, retrieved)
+                    q_last = rope.rotate(q_pre[:, t : t + 1], int(t))[:, 0]  # [Hq, D]: the block's last query
+                    logits = (q_last.view(n_kv, -1, head_dim) @ keys_roped[:, : t + 1].transpose(1, 2)).numpy()
+                    hot = np.zeros(t + 1, dtype=bool)
+                    hot[:s] = True
+                    hot[first - w :] = True
+                    for h in range(n_kv):
+                        shares = covered_mass(logits[h] * attn.scaling, hot, s + picked[h, -1])
+                        for part in ("retrieved", "oracle", "hot"):
+                            table[mode][part][layer, h] += getattr(shares, part) / len(positions)
+        per_length[str(length)] = {mode: {part: grid.round(4).tolist() for part, grid in parts.items()}
+                                   for mode, parts in table.items()}
+        for mode, parts in table.items():
+            for part, grid in parts.items():
+                metrics[f"{mode}_{part}_mass_at_{length}"] = receipts.metric(round(float(grid.mean()), 4),
+                                                                             "fraction")
+        del all_q, all_k
+    if heatmap is not None:
+        _draw_coverage(per_length, heatmap)
+    return {"config": {**asdict(config), "lengths": list(lengths), "queries": queries,
+                       "text": "pydoc_data.topics (Python standard library documentation)"},
+            "outputs": {"per_length": per_length,
+                        "heatmap": receipts.portable_path(heatmap) if heatmap else None},
+            "metrics": metrics}
+
+
+def _draw_coverage(per_length: dict, path: Path) -> None:
+    """Layer x kv-head maps of covered mass at each length: decode retrieved, prefill retrieved, oracle."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plot is optional; the receipt holds every number
+        return
+    panels = [("decode", "retrieved"), ("prefill", "retrieved"), ("decode", "oracle"), ("decode", "hot")]
+    fig, axes = plt.subplots(len(per_length), len(panels), figsize=(2.6 * len(panels), 3.2 * len(per_length)),
+                             squeeze=False)
+    for row, (length, table) in enumerate(per_length.items()):
+        for col, (mode, part) in enumerate(panels):
+            axis = axes[row][col]
+            image = axis.imshow(np.array(table[mode][part]), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            axis.set_title(f"{int(length):,}: {mode} {part}", fontsize=8)
+            axis.set_xlabel("kv-head", fontsize=7)
+            axis.set_ylabel("layer", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="exact softmax mass covered")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _draw_heatmap(cells, lengths, depths, path: Path) -> None:

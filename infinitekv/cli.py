@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from infinitekv.attention import RetrievalConfig
+from infinitekv.tasks import KINDS
 from infinitekv.errors import IKVError
 from infinitekv.models import DEFAULT_MODEL
 
@@ -276,9 +277,19 @@ def haystack(
 
 # ---- gates and benchmarks: each writes a receipt ----------------------------------------------------------------
 
-def _bench_config(hot_window: int, top_k_cold: str, shortlist: int, chunk_size: int) -> RetrievalConfig:
+def _bench_config(hot_window: int, top_k_cold: str, shortlist: int, chunk_size: int,
+                  dense_up_to: str = "auto") -> RetrievalConfig:
     return RetrievalConfig(hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, dense_up_to=_dense_up_to(dense_up_to))
+
+
+def _dense_up_to(value: str) -> Optional[int]:
+    if value == "auto":
+        return None
+    try:
+        return max(0, int(value))
+    except ValueError:
+        fail(f"--dense-up-to must be 'auto' (the model's trained window) or a number of tokens, got {value!r}")
 
 
 def _bench(kind: str, model: str, receipt: Optional[Path], work) -> None:
@@ -317,6 +328,7 @@ _HOT = typer.Option(RetrievalConfig.hot_window, help="Hot window.")
 _TOPK = typer.Option("auto", help="Cold tokens retrieved per kv-head: auto, N, or 0.")
 _SHORT = typer.Option(RetrievalConfig.shortlist, help="First-stage shortlist per kv-head.")
 _CHUNK = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size.")
+_DENSE = typer.Option("auto", help="Exact attention up to this many tokens: auto (the model's trained window), N, 0.")
 
 
 @bench_app.command("weights")
@@ -339,32 +351,66 @@ def bench_equivalence(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
 
 @bench_app.command("quality")
 def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK, dense_up_to: str = _DENSE,
                   lengths: str = typer.Option("2048,4096,8192", help="Context lengths, comma-separated."),
                   positions: int = typer.Option(256, help="Teacher-forced positions at the end of each text.")) -> None:
     """KL divergence and top-1 agreement against the unmodified model on real English text."""
     from infinitekv import bench
 
-    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size, dense_up_to)
     sizes = tuple(int(x) for x in lengths.split(","))
     _bench("quality", model, receipt, lambda loaded: bench.bench_quality(loaded, config, sizes, positions))
 
 
 @bench_app.command("passkey")
 def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK, dense_up_to: str = _DENSE,
                   lengths: str = typer.Option("4096,12288", help="Context lengths, comma-separated."),
                   depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, comma-separated."),
                   heatmap: Optional[Path] = typer.Option(None, help="PNG heatmap path (default: beside the receipt).")) -> None:
     """Needle retrieval over a grid of lengths x depths, retrieval on and off, and the unmodified model."""
     from infinitekv import bench, receipts
 
-    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size, dense_up_to)
     path = receipt or receipts.default_receipt_path("passkey")
     picture = heatmap or path.with_suffix(".png")
     _bench("passkey", model, path, lambda loaded: bench.bench_passkey(
         loaded, config, tuple(int(x) for x in lengths.split(",")), tuple(float(x) for x in depths.split(",")),
         heatmap=picture))
+
+
+@bench_app.command("tasks")
+def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
+                top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK, dense_up_to: str = _DENSE,
+                lengths: str = typer.Option("4096,8192,12288,32768", help="Context lengths, comma-separated."),
+                kinds: str = typer.Option(",".join(KINDS), help="Task kinds, comma-separated."),
+                cases: int = typer.Option(1, help="Cases per kind and length."),
+                seed: int = typer.Option(0, help="Draws the cases: names, values, depths, text.")) -> None:
+    """The task suite: keys among distractors, several values, several questions, a sentence, a two-step lookup;
+    the engine against retrieval off and the unmodified model."""
+    from infinitekv import bench
+
+    config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size, dense_up_to)
+    unknown = sorted(set(kinds.split(",")) - set(KINDS))
+    if unknown:
+        fail(f"unknown task kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    _bench("tasks", model, receipt, lambda loaded: bench.bench_tasks(
+        loaded, config, tuple(int(x) for x in lengths.split(",")), tuple(kinds.split(",")), cases, seed))
+
+
+@bench_app.command("coverage")
+def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
+                   top_k_cold: str = _TOPK, shortlist: int = _SHORT,
+                   lengths: str = typer.Option("2048,4096,8192,12288", help="Context lengths, comma-separated."),
+                   queries: int = typer.Option(16, help="Query positions measured per length, near the end."),
+                   heatmap: Optional[Path] = typer.Option(None, help="PNG path (default: beside the receipt).")) -> None:
+    """Share of the exact attention mass that sinks + window + retrieved tokens cover, per layer and kv-head."""
+    from infinitekv import bench, receipts
+
+    config = _bench_config(hot_window, top_k_cold, shortlist, RetrievalConfig.chunk_size)
+    path = receipt or receipts.default_receipt_path("coverage")
+    _bench("coverage", model, path, lambda loaded: bench.bench_coverage(
+        loaded, config, tuple(int(x) for x in lengths.split(",")), queries, heatmap=heatmap or path.with_suffix(".png")))
 
 
 @bench_app.command("memory")

@@ -170,3 +170,60 @@ def test_retrieving_every_cold_token_reproduces_the_full_model_up_to_quantisatio
             worst = max(worst, float((logits - reference[min(start + chunk, 400) - 1]).abs().max()))
         assert len(session.archive.signatures(0)) > 300
     assert worst < 0.02
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_is_exact_inside_dense_up_to_although_old_tokens_are_archived(family):
+    """A small hot window spills records, yet while the sequence fits `dense_up_to` every token is attended exactly
+    at its true position: the logits are the unmodified model's."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        reference = model(ids).logits[0]
+    config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=50, top_k_cold=8, shortlist=32)
+    with enable(model, config=config, mode="ram") as session:
+        assert session.config.dense_up_to == model.config.max_position_embeddings  # derived from the model
+        for start in range(0, 350, 50):
+            logits = session.feed(ids[0, start : start + 50].tolist())
+            torch.testing.assert_close(logits, reference[start + 49], rtol=1e-4, atol=1e-4)
+        for position in range(350, 400):  # the decode path too
+            logits = session.feed([int(ids[0, position])])
+            torch.testing.assert_close(logits, reference[position], rtol=1e-4, atol=1e-4)
+        assert len(session.archive.signatures(0)) > 300
+        assert session.counters.cold_tokens_per_step() > 100  # every cold token, every step
+
+
+def test_leaving_dense_up_to_switches_to_retrieval_and_drops_archived_tokens_from_the_window():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(9)).tolist()[0]
+    config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=50, top_k_cold=8, shortlist=32,
+                             dense_up_to=200)
+    with enable(model, config=config, mode="ram") as session:
+        session.feed(ids[:200])
+        assert session.memories[0].window_len > 150  # exact: the window still holds the archived tokens
+        session.feed(ids[200:])
+        memory = session.memories[0]
+        assert memory.archived == 0 and 32 <= memory.window_len < 32 + 8
+        assert len(session.archive.signatures(0)) + 4 + memory.window_len == 400
+
+
+def test_resume_inside_dense_up_to_restores_the_cold_tokens_from_records(tmp_path):
+    """The state file holds only the unarchived window; a resume decodes the rest from the records, so it continues
+    like the uninterrupted run up to int8/4-bit error."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(10)).tolist()[0]
+    more = ids[250:]
+    config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=50, top_k_cold=8, shortlist=32)
+    with enable(model, config=config, mode="ram") as session:
+        session.feed(ids[:250])
+        expected = session.feed(more)
+    with enable(model, config=config, archive=str(tmp_path / "mem")) as session:
+        session.feed(ids[:250])
+        session.commit()
+    arrays, _ = Archive.open(tmp_path / "mem", writable=False).load_state()
+    assert arrays["layer0.window_k"].shape[1] < 32 + 8
+    with enable(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
+        got = session.feed(more)
+        assert session.memories[0].window_len == 300 - 4
+    assert float((got - expected).abs().max()) < 0.05
+    assert int(got.argmax()) == int(expected.argmax())
