@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from infinitekv import codec, search
 
@@ -313,37 +314,37 @@ def chunk_attention(attn, memory: LayerMemory, archive, config: RetrievalConfig,
     keys = torch.cat([rope.rotate(memory.sink_k, 0), rope.rotate(memory.window_k, first - w),
                       rope.rotate(k, first)], dim=1)  # [Hk, S, D]
     values = torch.cat([memory.sink_v, memory.window_v, v], dim=1)
-    mask = torch.ones(length, keys.shape[1], dtype=torch.bool, device=q.device)
-    mask[:, -length:] = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     queries = rope.rotate(q, first)
-    if not retrieved:
+    if not retrieved:  # the chunk sits at the end of the keys: a lower-right causal mask
         return F.scaled_dot_product_attention(
-            queries[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
-            enable_gqa=n_q_heads != n_kv_heads,
+            queries[None], keys[None], values[None], attn_mask=causal_lower_right(length, keys.shape[1]),
+            scale=attn.scaling, enable_gqa=n_q_heads != n_kv_heads,
         )[0]  # [Hq, C, D]
     cold_k, cold_v = retrieve(attn, memory, archive, config, rotation, rope, q,
                               select_blocks(length, config.select_block), retrieved)
-    return attend_with_retrieved(queries, keys, values, mask, cold_k, cold_v, attn.scaling)
+    return attend_with_retrieved(queries, keys, values, cold_k, cold_v, attn.scaling)
 
 
-def attend_with_retrieved(queries, keys, values, mask, cold_k, cold_v, scale: float) -> torch.Tensor:
+def attend_with_retrieved(queries, keys, values, cold_k, cold_v, scale: float) -> torch.Tensor:
     """One softmax over shared keys and per-query keys.
 
-    queries [Hq, C, D]; keys, values [Hk, S, D] seen through mask [C, S]; cold_k, cold_v [Hk, C, r, D], query c
-    seeing only its own r. Returns [Hq, C, D].
+    queries [Hq, C, D]; keys, values [Hk, S, D], all seen by every query except the last C (the chunk itself),
+    seen causally; cold_k, cold_v [Hk, C, r, D], query c seeing only its own r. Returns [Hq, C, D].
     """
     n_q_heads, length, head_dim = queries.shape
-    n_kv_heads = keys.shape[0]
-    grouped = queries.view(n_kv_heads, n_q_heads // n_kv_heads, length, head_dim)  # [Hk, G, C, D]
-    shared = torch.einsum("hgcd,hsd->hgcs", grouped, keys) * scale
-    shared = shared.masked_fill(~mask, float("-inf"))
-    own = torch.einsum("hgcd,hcrd->hgcr", grouped, cold_k) * scale
-    top = torch.maximum(shared.amax(dim=-1, keepdim=True), own.amax(dim=-1, keepdim=True))
-    shared = torch.exp(shared - top)
-    own = torch.exp(own - top)
-    total = shared.sum(dim=-1, keepdim=True) + own.sum(dim=-1, keepdim=True)
-    out = torch.einsum("hgcs,hsd->hgcd", shared, values) + torch.einsum("hgcr,hcrd->hgcd", own, cold_v)
-    return (out / total).reshape(n_q_heads, length, head_dim)
+    n_kv_heads, n_shared = keys.shape[:2]
+    group = n_q_heads // n_kv_heads
+    grouped = queries.reshape(n_kv_heads, group * length, head_dim)
+    shared = torch.bmm(grouped, keys.transpose(1, 2)).view(n_kv_heads, group, length, n_shared)  # [Hk, G, C, S]
+    future = torch.ones(length, length, dtype=torch.bool, device=queries.device).triu(1)
+    shared[..., n_shared - length :].masked_fill_(future, float("-inf"))
+    by_query = grouped.view(n_kv_heads, group, length, head_dim).transpose(1, 2)  # [Hk, C, G, D]
+    own = torch.matmul(by_query, cold_k.transpose(2, 3))  # [Hk, C, G, r]
+    probs = torch.softmax(torch.cat([shared, own.transpose(1, 2)], dim=-1) * scale, dim=-1)
+    out = torch.bmm(probs[..., :n_shared].reshape(n_kv_heads, group * length, n_shared), values)
+    out_own = torch.matmul(probs[..., n_shared:].transpose(1, 2), cold_v)  # [Hk, C, G, D]
+    return (out.view(n_kv_heads, group, length, head_dim) + out_own.transpose(1, 2)).reshape(
+        n_q_heads, length, head_dim)
 
 
 def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,

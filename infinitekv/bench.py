@@ -82,11 +82,14 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
                 kls.append(kl)
                 agree.append(same)
                 logits = s.feed([ids[length - positions + offset]])
+            cold_per_step = s.counters.cold_tokens_per_step()
         kls_array = np.array(kls)
         per_length[str(length)] = {"median_kl": float(np.median(kls_array)), "mean_kl": float(kls_array.mean()),
-                                   "p90_kl": float(np.percentile(kls_array, 90)), "top1": float(np.mean(agree))}
+                                   "p90_kl": float(np.percentile(kls_array, 90)), "top1": float(np.mean(agree)),
+                                   "cold_tokens_per_step": cold_per_step}
         for name, value in per_length[str(length)].items():
-            metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 6), "nats" if "kl" in name else "fraction")
+            unit = "nats" if "kl" in name else "tokens per layer and kv-head" if "cold" in name else "fraction"
+            metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 6), unit)
     return {
         "config": {**asdict(config), "lengths": list(lengths), "positions": positions,
                    "text": "pydoc_data.topics (Python standard library documentation)"},
@@ -396,6 +399,7 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
                 logits = s.feed([int(logits.argmax())])
                 steps.append(time.perf_counter() - start)
             row["ikv_decode_ms"] = 1000 * float(np.median(steps))
+            row["cold_tokens_per_step"] = s.counters.cold_tokens_per_step()
         if length <= baseline_up_to:
             with torch.no_grad():
                 start = time.perf_counter()
@@ -413,7 +417,7 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
         rows.append(row)
         for name, value in row.items():
             if name != "length":
-                unit = "s" if name.endswith("_s") else "ms/token"
+                unit = "s" if name.endswith("_s") else "tokens per layer and kv-head" if "cold" in name else "ms/token"
                 metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 3), unit)
         if "full_prefill_s" in row:
             metrics[f"prefill_speedup_at_{length}"] = receipts.metric(

@@ -94,6 +94,8 @@ def run(
     top_k_cold: str = typer.Option("auto", help="Cold tokens retrieved per kv-head per step: auto, N, or 0 to disable."),
     shortlist: int = typer.Option(RetrievalConfig.shortlist, help="First-stage candidates per kv-head before rerank."),
     chunk_size: int = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size in tokens."),
+    dense_up_to: str = typer.Option("auto", help="Exact attention while the whole sequence fits this many tokens: "
+                                    "auto (the model's trained window), N, or 0 to retrieve from the start."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold when temperature > 0."),
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -121,7 +123,8 @@ def run(
     if not document and not question:
         raise IKVError("nothing to ask: pass --prompt, --prompt-file and/or --question")
     config = RetrievalConfig(
-        sinks=sinks, hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist, chunk_size=chunk_size
+        sinks=sinks, hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist, chunk_size=chunk_size,
+        dense_up_to=_dense_up_to(dense_up_to),
     )
     loaded = load_model(model)
     print(f"model {model} loaded ({loaded.weights_sha256[:12]})", file=sys.stderr)
@@ -160,6 +163,8 @@ def run(
             "prefill_tokens": receipts.metric(counters.prefill_tokens, "tokens"),
             "resumed_tokens": receipts.metric(resumed_tokens, "tokens"),
             "prefill_seconds": receipts.metric(round(counters.prefill_seconds, 3), "s"),
+            "cold_tokens_per_step": receipts.metric(round(counters.cold_tokens_per_step(), 2),
+                                                    "tokens per layer and kv-head"),
             "decode_ms_per_token": receipts.metric(round(decode_ms, 2), "ms/token"),
             "total_tokens": receipts.metric(bill["tokens"], "tokens"),
             "cold_tokens": receipts.metric(bill["cold_tokens"], "tokens"),

@@ -52,9 +52,9 @@ def test_merged_softmax_equals_attention_over_each_querys_own_keys():
     queries = torch.randn(hq, c, d, generator=rng)
     keys, values = torch.randn(hk, s, d, generator=rng), torch.randn(hk, s, d, generator=rng)
     cold_k, cold_v = torch.randn(hk, c, r, d, generator=rng), torch.randn(hk, c, r, d, generator=rng)
-    mask = torch.rand(c, s, generator=rng) > 0.3
-    mask[:, 0] = True
-    got = attend_with_retrieved(queries, keys, values, mask, cold_k, cold_v, 0.5)
+    mask = torch.ones(c, s, dtype=torch.bool)
+    mask[:, -c:] = torch.ones(c, c, dtype=torch.bool).tril()  # the last c shared keys are the chunk: causal
+    got = attend_with_retrieved(queries, keys, values, cold_k, cold_v, 0.5)
     for query in range(c):
         for head in range(hq):
             kv = head // (hq // hk)
