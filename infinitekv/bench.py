@@ -73,7 +73,8 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
     for length in lengths:
         ids = tokenizer(english_text(length * 8), add_special_tokens=False)["input_ids"][:length]
         with torch.no_grad():
-            reference = model(torch.tensor([ids]), use_cache=False, logits_to_keep=positions + 1).logits[0]
+            reference = model(torch.tensor([ids], device=model.device), use_cache=False,
+                              logits_to_keep=positions + 1).logits[0]
         kls, agree = [], []
         with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
             logits = s.feed(ids[: length - positions])
