@@ -29,6 +29,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import socket
 import subprocess
@@ -214,6 +215,9 @@ def parse_chat_request(body: bytes, header_conversation: str | None, served_mode
                             "conversations; send one of them", "invalid_conversation_id")
     conversation = conversation if conversation is not None else header_conversation
     limit = max_tokens_limit
+    seed = _number(obj, "seed", None, 0, 2**63 - 1, integer=True)
+    if seed is None:  # like OpenAI: sampling without a seed differs from request to request
+        seed = random.SystemRandom().randrange(2**63)
     max_tokens = obj.get("max_completion_tokens", obj.get("max_tokens"))
     return ChatRequest(
         messages=_messages(obj.get("messages")),
@@ -222,7 +226,7 @@ def parse_chat_request(body: bytes, header_conversation: str | None, served_mode
                            integer=True),
         temperature=float(_number(obj, "temperature", 0.0, 0.0, 2.0)),
         top_p=float(_number(obj, "top_p", 1.0, 0.0, 1.0, low_open=True)),
-        seed=_number(obj, "seed", 0, -(2**63), 2**63 - 1, integer=True),
+        seed=seed,
         stop=stops,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),

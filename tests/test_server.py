@@ -361,7 +361,7 @@ def test_a_12k_token_document_is_read_once_and_the_follow_up_answered_from_the_a
         assert len(progress) >= 20 and health_mid_prefill[0] == 200, progress[:3]
         messages += [{"role": "assistant", "content": first},
                      {"role": "user", "content": "Say the magic number again. Answer with the number."}]
-        follow = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+        follow = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
                                                 extra_headers={"X-Conversation-Id": "document"})
     finally:
         spawned.stop()
