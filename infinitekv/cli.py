@@ -453,3 +453,84 @@ def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
     from infinitekv import bench
 
     _bench("recall", model, receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k))
+
+
+# ---- the OpenAI-compatible server --------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model to serve (see `ikv run --help`); clients send this name (a local path's last component)."),
+    archives: Path = typer.Option(Path("conversations"), help="Directory holding one archive per conversation id."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, help="Port (0 picks a free one; the address is printed)."),
+    api_key: Optional[str] = typer.Option(None, envvar="IKV_API_KEY", help="Clients must send 'Authorization: Bearer KEY'."),
+    max_body_bytes: int = typer.Option(4 << 20, help="Largest request body accepted (413 beyond)."),
+    max_tokens_limit: int = typer.Option(2048, help="Largest max_tokens a request may ask for."),
+    max_queue: int = typer.Option(64, help="Turns waiting or running at once; more get 503."),
+    hot_window: int = typer.Option(RetrievalConfig.hot_window, help="Most recent tokens kept exact."),
+    top_k_cold: str = typer.Option("auto", help="Cold tokens retrieved per kv-head per step: auto, N, or 0."),
+    chunk_size: int = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size in tokens."),
+) -> None:
+    """OpenAI-compatible chat server (/v1/chat/completions, /v1/models, /health) whose conversations are archives.
+
+    Name a conversation with the header X-Conversation-Id (or the body field conversation_id): each request repeats
+    the conversation and adds a user message; only the new messages are read, the rest is resumed from its archive.
+    """
+    from infinitekv.server import ServeOptions
+    from infinitekv.server import serve as run_server
+
+    config = RetrievalConfig(hot_window=hot_window, top_k_cold=_top_k(top_k_cold), chunk_size=chunk_size)
+    run_server(ServeOptions(model=model, archives=archives, host=host, port=port, api_key=api_key,
+                            max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit, max_queue=max_queue,
+                            config=config))
+
+
+@bench_app.command("serve-load")
+def bench_serve_load(
+    model: str = _MODEL,
+    receipt: Optional[Path] = _RECEIPT,
+    clients: int = typer.Option(8, help="Concurrent clients, each one conversation."),
+    requests: int = typer.Option(5, help="Turns per client."),
+    max_tokens: int = typer.Option(12, help="max_tokens of each request."),
+) -> None:
+    """Load test: start `ikv serve` on 127.0.0.1, run concurrent conversations against it, latency p50/p95."""
+    import tempfile
+
+    from infinitekv import receipts
+    from infinitekv.server import load_receipt_parts, load_test, request_json, spawn_server
+
+    if clients < 1 or requests < 1 or max_tokens < 1:
+        raise IKVError("--clients, --requests and --max-tokens must each be at least 1")
+    started_at, clock = receipts.utc_now(), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ikv-serve-load-") as scratch:
+        log = Path(scratch) / "server.log"
+        server = spawn_server(["--model", model, "--archives", str(Path(scratch) / "conversations"), "--port", "0"],
+                              log)
+        try:
+            _, _, health = request_json(server.url, "GET", "/health")
+            print(f"server up at {server.url}; {clients} clients x {requests} requests", file=sys.stderr, flush=True)
+            result = load_test(server.url, server.model_id, clients=clients, requests=requests, max_tokens=max_tokens)
+        finally:
+            server.stop()
+    parts = load_receipt_parts(result, clients=clients, requests=requests)
+    record = receipts.build_receipt(
+        command=receipts.command_line(),
+        config={"clients": clients, "requests": requests, "max_tokens": max_tokens, "temperature": 0.0,
+                "retrieval": asdict(RetrievalConfig()), "queue": "one worker, first come first served"},
+        model={"source": model, "weights_sha256": health["weights_sha256"]},
+        inputs={},
+        outputs=parts["outputs"],
+        metrics=parts["metrics"],
+        gates=parts["gates"],
+        extra=parts["extra"],
+        started_at=started_at,
+        duration_s=time.perf_counter() - clock,
+    )
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("serve-load"))
+    for name, verdict in parts["gates"].items():
+        print(f"gate {name}: {verdict['verdict']} ({verdict['detail']})")
+    for name, value in parts["metrics"].items():
+        print(f"{name}: {value['value']} {value['unit']}")
+    print(f"receipt {path}", file=sys.stderr)
+    if any(v["verdict"] != "pass" for v in parts["gates"].values()):
+        raise typer.Exit(code=1)

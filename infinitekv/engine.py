@@ -13,6 +13,7 @@ import contextlib
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -101,8 +102,12 @@ class Session:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_ids: set[int] | None = None,
-                 progress: bool = False) -> list[int]:
-        """Greedy by default. The last generated stop token is fed too, so the cache holds the whole turn."""
+                 progress: bool = False, on_token: Callable[[int], bool] | None = None) -> list[int]:
+        """Greedy by default. The last generated stop token is fed too, so the cache holds the whole turn.
+
+        on_token(token) is called after each token is fed; returning True stops generation there (a server uses it
+        to stream tokens, to end at a stop string and to stop when its client goes away).
+        """
         stop_ids = self.stop_ids() if stop_ids is None else stop_ids
         generator = torch.Generator().manual_seed(seed)
         logits = self.feed(prompt_ids, progress=progress)
@@ -113,7 +118,8 @@ class Session:
             generated.append(token)
             logits = self._forward([token])
             self.counters.decode_steps += 1
-            if token in stop_ids:
+            stop = on_token(token) if on_token is not None else False
+            if stop or token in stop_ids:
                 break
         self.counters.decode_seconds += time.perf_counter() - start
         return generated
