@@ -39,7 +39,7 @@ from infinitekv import codec, search
 class RetrievalConfig:
     sinks: int = 4  # first tokens of the sequence, always attended (attention sinks)
     hot_window: int = 1024  # most recent tokens kept exact
-    top_k_cold: int = 64  # cold tokens retrieved per kv-head per selection block; 0 disables retrieval
+    top_k_cold: int = 64  # cold tokens each query retrieves per kv-head; 0: never read the cold tier (sinks + window)
     shortlist: int = 1024  # first-stage candidates per kv-head, reranked with dequantised keys
     select_block: int = 32  # queries sharing one retrieval during prefill (decode: every token retrieves)
     chunk_size: int = 512  # prefill chunk
@@ -138,7 +138,7 @@ class DecodeView:
     sinks: int
     retrieved: int
     window: int  # window tokens already in place
-    shift: int  # the layout_shift their positions were computed with
+    shift: int  # positions the compact layout skipped when they were computed (0: true positions)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
