@@ -1057,6 +1057,12 @@ def _never_committed(path: Path) -> bool:
     return m.committed_tokens == 0 and m.state is None and not any(_STATE_RE.fullmatch(n) for n in names)
 
 
+def never_committed(path) -> bool:
+    """True if `path` holds an archive nothing was ever committed to (a plain run may take the directory over)."""
+    path = Path(path)
+    return path.is_dir() and _never_committed(path)
+
+
 def _holds_committed_data(path: Path) -> bool:
     """Without a MANIFEST: is there a state file or a shard with records, i.e. more than a killed create?"""
     for entry in os.scandir(path):
