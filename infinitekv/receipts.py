@@ -967,12 +967,25 @@ def _safe_relative(value: str) -> bool:
         and "\0" not in value
 
 
+def _click():
+    """The click that typer runs on (recent typer versions carry their own copy)."""
+    import typer.core
+
+    return getattr(typer.core, "_click", None) or typer.core.click
+
+
+def _takes_path(param) -> bool:
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return annotation is Path or type(getattr(param, "type", None)).__name__ == "Path"
+
+
 def _parsed(args: list[str]):
     """Parse `args` with the real `ikv` command line (nothing runs): (click command, context) or IKVError."""
-    import click
     import typer
 
     from infinitekv import cli
+
+    click = _click()
 
     if any(arg in ("--help", "-h") for arg in args):
         raise IKVError("it asks for --help, which is not a run or a bench")
@@ -1001,8 +1014,6 @@ def plan_rerun(command: list[str], workdir: Path) -> RerunPlan:
     slip through. Paths it writes are kept inside `workdir` (a relative path as is, anything else renamed there);
     paths it reads are reached from there through symbolic links, so receipts record the same relative names.
     """
-    import click
-
     if not command or command[0] != "ikv":
         raise IKVError(f"only ikv commands can be rerun; this receipt records {command[:1]!r}")
     args = list(command[1:])
@@ -1012,11 +1023,11 @@ def plan_rerun(command: list[str], workdir: Path) -> RerunPlan:
                        "the run that created the archive instead")
     by_flag = {}
     for param in click_command.params:
-        if isinstance(param, click.Option):
+        if getattr(param, "param_type_name", None) == "option":
             for flag in param.opts:
                 by_flag[flag] = param.name
-            if isinstance(param.type, click.Path) and param.name not in _WRITES + _READS:
-                if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            if _takes_path(param) and param.name not in _WRITES + _READS:
+                if ctx.get_parameter_source(param.name) == _click().core.ParameterSource.COMMANDLINE:
                     raise IKVError(f"its option {param.opts[0]} names a path this infinitekv cannot tell is safe to "
                                    "rerun")
     plan = RerunPlan([], [], workdir, workdir / "receipt.json")
