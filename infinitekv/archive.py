@@ -361,9 +361,14 @@ def _open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
         if err.errno == errno.EISDIR:
             raise _not_regular(path) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise _not_regular(path)
+    if flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink != 1:  # writing would change the other name's file too
+        os.close(fd)
+        raise IKVError(f"{path} is a hard link shared with another file; copy the archive instead of linking it, "
+                       "or open it read-only")
     return fd
 
 
@@ -421,9 +426,6 @@ def _acquire_lock(path: Path) -> int:
         fd = _open_regular(path / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     except OSError as err:
         raise _io_error(err, f"taking the writer lock of archive {path}") from None
-    if os.fstat(fd).st_nlink != 1:  # a hard link to someone's file: writing our pid would overwrite it
-        os.close(fd)
-        raise IKVError(f"{path / LOCK_NAME} is a hard link to another file; remove it (the lock is recreated)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:

@@ -558,3 +558,32 @@ def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
     from infinitekv import bench
 
     _bench("recall", model, receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k))
+
+
+@bench_app.command("fuzz")
+def bench_fuzz(
+    minutes: float = typer.Option(30.0, help="How long to fuzz (wall clock)."),
+    seed: int = typer.Option(0, help="Seeds the mutations."),
+    receipt: Optional[Path] = _RECEIPT,
+) -> None:
+    """Random and mutated packs, archives and receipts against unpack, inspect/open and verify: any traceback, hang
+    or write outside the case directory is a finding. Needs no model."""
+    from infinitekv import fuzz, receipts
+
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise IKVError(f"--minutes must be a positive number, got {minutes}")
+    started_at, clock = receipts.utc_now(), time.perf_counter()
+    parts = fuzz.fuzz(minutes, seed)
+    record = receipts.build_receipt(command=receipts.command_line(), config=parts["config"],
+                                    model={"source": None, "weights_sha256": None}, inputs={},
+                                    outputs=parts["outputs"], metrics=parts["metrics"], gates=parts["gates"],
+                                    started_at=started_at, duration_s=time.perf_counter() - clock)
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("fuzz"))
+    for name, value in parts["metrics"].items():
+        print(f"{name}: {value['value']} {value['unit']}")
+    for finding in parts["outputs"]["findings"]:
+        print(f"finding {finding['target']}: {finding['problem']} ({finding['mutation']}) at {finding['where']}")
+    print(f"gate no_traceback_hang_or_escape: {parts['gates']['no_traceback_hang_or_escape']['verdict']}")
+    print(f"receipt {path}", file=sys.stderr)
+    if parts["gates"]["no_traceback_hang_or_escape"]["verdict"] != "pass":
+        raise typer.Exit(code=1)

@@ -442,6 +442,23 @@ def test_oversized_and_non_regular_receipts_are_refused_without_reading_them(tmp
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+def ikv_here(monkeypatch, *args) -> subprocess.CompletedProcess:
+    """`ikv ARGS` in this process, through the same main() the command runs."""
+    import contextlib
+    import io
+
+    from infinitekv import cli
+
+    monkeypatch.setattr(sys, "argv", ["ikv", *map(str, args)])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main()
+        except SystemExit as done:
+            code = done.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def ikv_verify(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "infinitekv", "verify", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -472,7 +489,8 @@ def test_ikv_verify_keeps_checking_after_a_hostile_file_and_strict_fails_on_prov
     assert done.returncode == 1 and f"FAIL {written}: provenance: " in done.stdout
 
 
-def test_ikv_verify_rerun_asks_unless_yes_and_never_reruns_itself(written, tmp_path):
+def test_ikv_verify_rerun_asks_unless_yes_and_never_reruns_itself(written, tmp_path, monkeypatch):
+    ikv_verify = lambda *a: ikv_here(monkeypatch, "verify", *a)  # noqa: E731
     done = ikv_verify("--rerun", str(written))  # stdin is not a terminal here
     assert done.returncode == 2 and done.stderr.count("ikv: error:") == 1 and "--yes" in done.stderr
     rewrite(written, lambda r: r.update(command=["ikv", "verify", "--rerun", "--yes", str(written), "--"]))
@@ -481,9 +499,9 @@ def test_ikv_verify_rerun_asks_unless_yes_and_never_reruns_itself(written, tmp_p
     assert "not rerun: only `ikv run` and `ikv bench ...` commands are rerun" in done.stdout
 
 
-def test_ikv_keygen_sign_and_verify_trust(written, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "infinitekv", *a], capture_output=True, text=True,  # noqa
-                                    timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+def test_ikv_keygen_sign_and_verify_trust(written, tmp_path, monkeypatch):
+    run = lambda *a: ikv_here(monkeypatch, *a)  # noqa: E731
+    ikv_verify = lambda *a: ikv_here(monkeypatch, "verify", *a)  # noqa: E731
     assert run("keygen", str(tmp_path / "me")).returncode == 0
     done = run("keygen", str(tmp_path / "me"))
     assert done.returncode == 2 and "already exists" in done.stderr and "Traceback" not in done.stderr
@@ -521,3 +539,17 @@ def test_a_published_receipt_with_one_metric_digit_changed_fails_verify(tmp_path
     done = ikv_verify(str(copy))
     assert done.returncode == 1
     assert "receipt_sha256" in done.stdout
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("name", ["weights.json"])  # the published receipts cheap enough to rerun on every CI run
+def test_cheap_published_receipt_reproduces_at_head(name):
+    """CI reruns the cheap published receipts with the code at HEAD, through the same safe rerun a user gets."""
+    path = REPO / "receipts" / name
+    if not path.exists():
+        pytest.skip(f"receipts/{name} is not published")
+    done = subprocess.run([sys.executable, "-m", "infinitekv", "verify", "--rerun", "--yes", "--timeout", "1200",
+                           str(path)], cwd=REPO, capture_output=True, text=True, timeout=1300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"REPRODUCED {path}"), done.stdout
