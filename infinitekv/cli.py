@@ -587,3 +587,27 @@ def bench_fuzz(
     print(f"receipt {path}", file=sys.stderr)
     if parts["gates"]["no_traceback_hang_or_escape"]["verdict"] != "pass":
         raise typer.Exit(code=1)
+
+
+@bench_app.command("interrupted")
+def bench_interrupted(
+    prompt_file: Path = typer.Option(..., help="The document to read (e.g. receipts/haystack-32k.txt)."),
+    question: str = typer.Option("What is the magic number mentioned in the text? Answer with the number.",
+                                 help="The question asked after it."),
+    model: str = _MODEL,
+    receipt: Optional[Path] = _RECEIPT,
+    kill_at: float = typer.Option(0.6, help="Kill the read (SIGKILL) once this fraction of its chunks is done."),
+    checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help="Prefill chunks between checkpoints."),
+    max_new_tokens: int = typer.Option(16, help="Most tokens to generate."),
+) -> None:
+    """A long read killed midway and resumed from its last checkpoint answers exactly like an uninterrupted one."""
+    from infinitekv.interrupted import bench_interrupted as measure
+
+    if not 0 < kill_at < 1:
+        raise IKVError(f"--kill-at must be between 0 and 1, got {kill_at}")
+    if checkpoint_every < 1:
+        raise IKVError(f"--checkpoint-every must be at least 1 chunk here, got {checkpoint_every}")
+    _read_prompt(None, prompt_file)  # one line now, not after the first run, if the file is unreadable
+    _bench("interrupted", model, receipt, lambda loaded: measure(
+        prompt_file, question, model=model, kill_at=kill_at, checkpoint_every=checkpoint_every,
+        max_new_tokens=max_new_tokens))
