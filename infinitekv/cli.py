@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from infinitekv.attention import RetrievalConfig
+from infinitekv.archive import UNPACK_MAX_BYTES
 from infinitekv.engine import CHECKPOINT_EVERY
 from infinitekv.errors import IKVError
 from infinitekv.models import DEFAULT_MODEL
@@ -398,14 +399,18 @@ def archive_pack(
 
 @archive_app.command("unpack")
 def archive_unpack(
-    src: Path = typer.Argument(..., help="Pack file written by `ikv archive pack`."),
+    src: Path = typer.Argument(..., help="Pack file written by `ikv archive pack` (possibly by someone else)."),
     dst: Path = typer.Argument(..., help="New or empty directory for the archive."),
+    max_bytes: int = typer.Option(UNPACK_MAX_BYTES, help="Refuse a pack that declares more than this many bytes "
+                                  "(it is refused anyway if it does not fit in the free space)."),
 ) -> None:
-    """Unpack a pack into a new archive directory, verifying every checksum."""
+    """Unpack a pack into a new archive directory, verifying every checksum; sizes are bounded before writing."""
     from infinitekv.archive import unpack
 
+    if max_bytes < 1:
+        fail(f"--max-bytes must be positive, got {max_bytes}")
     try:
-        info = unpack(src, dst)
+        info = unpack(src, dst, max_bytes=max_bytes)
     except IKVError as err:
         fail(str(err))
     print(f"unpacked {src} into {dst}: {info['committed_tokens']:,} tokens, {_size(info['bytes'])}, checksums verified")

@@ -413,3 +413,36 @@ def test_converted_model_cache_is_keyed_by_the_files_sha256(tiny_model_dir, tmp_
     second = models.load_model(str(tmp_path / "b" / "model.gguf")).weights_sha256
     again = models.load_model(str(tmp_path / "a" / "model.gguf")).weights_sha256
     assert len(conversions) == 2 and first != second and again == first
+
+
+# ------------------------------------------------------------------------------- the other commands' options
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["bench", "fuzz", "--minutes", "0"], "--minutes"),
+    (["bench", "fuzz", "--minutes", "nan"], "--minutes"),
+    (["bench", "interrupted", "--prompt-file", "README.md", "--kill-at", "1.5"], "--kill-at"),
+    (["bench", "interrupted", "--prompt-file", "/dev/zero"], "not a regular file"),
+    (["bench", "interrupted", "--prompt-file", "README.md", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["archive", "unpack", ".", "out"], "is not a file"),
+    (["archive", "unpack", "README.md", "out", "--max-bytes", "0"], "--max-bytes"),
+    (["archive", "pack", "no-such-archive", "x.zst"], "does not exist"),
+    (["sign", "--key", "README.md", "README.md"], "cannot read private key"),
+    (["verify", "--timeout", "-1", "README.md"], "--timeout"),
+    (["verify", "--trust", "README.md", "README.md"], "not a public key file"),
+    (["keygen", "README.md"], "already exists"),
+])
+def test_bad_options_of_every_other_command_are_one_line(monkeypatch, args, needle):
+    before = snapshot(REPO / "receipts")
+    code, _, err = ikv_here(monkeypatch, *args, cwd=REPO)
+    assert_one_line_error(code, err, needle)
+    assert snapshot(REPO / "receipts") == before and not (REPO / "out").exists()
+
+
+def test_a_short_fuzz_run_finds_no_traceback_hang_or_escape(tmp_path):
+    from infinitekv.fuzz import fuzz
+
+    parts = fuzz(0.1, seed=7, work_root=tmp_path)
+    assert parts["outputs"]["findings"] == [], parts["outputs"]["findings"]
+    assert all(parts["metrics"][f"{t}_cases"]["value"] > 0 for t in ("unpack", "inspect", "verify"))
+    assert list(tmp_path.iterdir()) == []  # the work directory is removed
