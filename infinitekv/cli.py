@@ -162,12 +162,18 @@ def _check_run_options(*, mode, archive, resume, read_only, max_new_tokens, temp
         raise IKVError("--read-only continues a saved conversation without saving; it needs --resume --archive DIR")
     if resume and not archive.is_dir():
         raise IKVError(f"archive directory {archive} does not exist; run once without --resume to create it")
-    if not resume and archive is not None and archive.exists() and any(archive.iterdir()):
-        from infinitekv.archive import never_committed
+    try:
+        taken = not resume and archive is not None and archive.exists() and any(archive.iterdir())
+        if taken:
+            from infinitekv.archive import never_committed
 
-        if not never_committed(archive):
-            raise IKVError(f"{archive} already exists and is not empty; pass --resume to continue its conversation "
-                           f"or choose a new --archive directory")
+            taken = not never_committed(archive)
+    except OSError as err:
+        raise IKVError(f"cannot read archive directory {archive} ({err.strerror or err}); check its permissions") \
+            from None
+    if taken:
+        raise IKVError(f"{archive} already exists and is not empty; pass --resume to continue its conversation "
+                       f"or choose a new --archive directory")
     if max_new_tokens < 1:
         raise IKVError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not math.isfinite(temperature) or temperature < 0:
@@ -183,7 +189,8 @@ def _pending_read(archive: Path) -> dict | None:
     from infinitekv.archive import Archive
 
     with Archive.open(archive, writable=False) as arc:
-        return arc.load_state()[1].get("pending")
+        meta = arc.load_state()[1]
+    return meta.get("pending") if isinstance(meta, dict) else None
 
 
 @app.command()

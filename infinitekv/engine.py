@@ -280,6 +280,8 @@ def _checked_state(arrays: dict, meta: dict, n_layers: int, where) -> RetrievalC
         return IKVError(f"archive {where} holds a conversation state this infinitekv cannot read ({what}); use the "
                         "infinitekv version that wrote it, or start a new archive")
 
+    if not isinstance(meta, dict):
+        raise refuse("its metadata is not an object")
     unknown = sorted(set(meta) - _STATE_KEYS)
     if unknown:
         raise refuse(f"unknown field {unknown[0]!r}")

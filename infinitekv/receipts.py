@@ -1095,11 +1095,14 @@ def _check_input_files(receipt: dict) -> list[Check]:
 def _run_confined(plan: RerunPlan, timeout_s: float | None) -> subprocess.CompletedProcess | None:
     """Run the plan in its own process group, so a timeout (or Ctrl-C) ends the command and everything it
     started; None on timeout."""
-    for name, target in plan.links.items():
-        link = plan.workdir / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(target)
-    plan.receipt.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, target in plan.links.items():
+            link = plan.workdir / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target)
+        plan.receipt.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # two recorded paths that cannot both be laid out (a file where a directory must go)
+        raise IKVError(f"its paths cannot be laid out in the rerun directory ({err.strerror or err})") from None
     env = {**os.environ, "TMPDIR": str(plan.workdir)}  # temporary files of the command land in workdir too
     proc = subprocess.Popen(plan.argv, cwd=plan.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -1143,7 +1146,10 @@ def rerun_receipt(path, *, timeout_s: float | None = None, confirm=None) -> Reru
             return RerunReport(shown, False, f"not rerun: {err}")
         if confirm is not None and not confirm(plan):
             return RerunReport(shown, False, "not rerun: declined")
-        done = _run_confined(plan, timeout_s)
+        try:
+            done = _run_confined(plan, timeout_s)
+        except IKVError as err:
+            return RerunReport(shown, False, f"not rerun: {err}")
         if done is None:
             return RerunReport(shown, False, f"the command did not finish within {timeout_s:g} s (it and every "
                                "process it started were killed)")

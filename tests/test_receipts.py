@@ -553,3 +553,13 @@ def test_cheap_published_receipt_reproduces_at_head(name):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"REPRODUCED {path}"), done.stdout
+
+
+def test_rerun_whose_recorded_paths_collide_is_refused_in_one_line(tmp_path, monkeypatch, fast_environment):
+    monkeypatch.chdir(tmp_path)
+    fake_launcher(monkeypatch, tmp_path, "raise SystemExit('must not run')")
+    (tmp_path / "a").write_text("x")  # --model a is a file, so a/b.txt cannot be laid out beside it
+    write_receipt(make_receipt(command=["ikv", "run", "--model", "a", "--prompt-file", "a/b.txt"]), "r.json")
+    monkeypatch.setattr(receipts, "_check_input_files", lambda receipt: [])
+    report = receipts.rerun_receipt("r.json", timeout_s=30)
+    assert not report.ok and report.message.startswith("not rerun: its paths cannot be laid out"), report.message
