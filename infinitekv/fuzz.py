@@ -248,7 +248,7 @@ def _mutate_archive(path: Path, rng: random.Random, sentinel: Path) -> str:
         try:
             magic, version, reserved, _, _ = head.unpack_from(raw)
             body, how = _mutate_json(json.loads(raw[head.size:]), rng)
-        except (ValueError, struct.error):  # an earlier mutation already broke it
+        except (ValueError, struct.error, RecursionError):  # an earlier mutation already broke (or deepened) it
             return "manifest: already damaged"
         text = _dumps(body).encode()
         (path / MANIFEST_NAME).write_bytes(head.pack(magic, version, reserved, len(text), xxhash.xxh3_64_intdigest(text))
@@ -346,48 +346,11 @@ def fuzz(minutes: float, seed: int = 0, work_root: Path | None = None) -> dict:
             case = root / f"case-{case_index}"
             case.mkdir()
             target = ("unpack", "inspect", "verify")[case_index % 3]
-            if target == "unpack":
-                data, mutation = _mutated_pack(seed_pack, rng, sentinel)
-                (case / "in.zst").write_bytes(data)
-                run = lambda: unpack(case / "in.zst", case / "out") and False  # noqa: E731
-            elif target == "inspect":
-                shutil.copytree(seeds / "mem", case / "mem", symlinks=True)
-                mutation = "; ".join(_mutate_archive(case / "mem", rng, sentinel) for _ in range(rng.choice([1, 1, 2])))
-                writable = rng.random() < 0.5
-                mutation += " (opened for writing)" if writable else " (inspected)"
-
-                def run(case=case, writable=writable):
-                    if writable:
-                        Archive.open(case / "mem", writable=True).close()
-                        return False
-                    return inspect_archive(case / "mem")["integrity"] != "ok"
-            else:
-                receipt = json.loads(json.dumps(seed_receipt))
-                mutation = "receipt: "
-                if rng.random() < 0.5:
-                    receipt, how = _mutate_json(receipt, rng)
-                    if rng.random() < 0.5 and isinstance(receipt, dict):  # re-hashed: gets past the hash check
-                        try:
-                            receipt["receipt_sha256"] = receipts.content_sha256(receipt)
-                            how += ", re-hashed"
-                        except (TypeError, ValueError, RecursionError, AttributeError):
-                            pass
-                    text = _dumps(receipt).encode()
-                else:
-                    text, how = _mutate_bytes(_dumps(receipt, indent=2).encode(), rng)
-                mutation += how
-                (case / "r.json").write_bytes(text)
-
-                def run(case=case):
-                    verdict = receipts.verify_receipt(case / "r.json", strict=rng.random() < 0.3)
-                    try:  # the rerun planner reads the command of a hostile receipt too (never runs it here)
-                        loaded = json.loads((case / "r.json").read_text())
-                        if isinstance(loaded, dict) and isinstance(loaded.get("command"), list) and \
-                                all(isinstance(a, str) for a in loaded["command"]):
-                            receipts.plan_rerun(loaded["command"], case / "rerun")
-                    except (IKVError, ValueError, RecursionError):
-                        pass
-                    return not verdict.ok
+            try:
+                run, mutation = _prepare(target, case, rng, sentinel, seeds, seed_pack, seed_receipt)
+            except (ValueError, RecursionError, OSError):  # the mutator broke its own input: not a case, skip it
+                shutil.rmtree(case, ignore_errors=True)
+                continue
             _one_case(target, run, mutation, tally, root, (case, seeds), sentinel, before)
             shutil.rmtree(case, ignore_errors=True)
             if case.exists():
@@ -396,6 +359,57 @@ def fuzz(minutes: float, seed: int = 0, work_root: Path | None = None) -> dict:
     finally:
         signal.signal(signal.SIGALRM, old_handler)
         shutil.rmtree(root, ignore_errors=True)
+    return _parts(minutes, seed, tally)
+
+
+def _prepare(target, case, rng, sentinel, seeds, seed_pack, seed_receipt):
+    """The case's hostile input, written under `case`, and the call that reads it: (run, mutation)."""
+    if target == "unpack":
+        data, mutation = _mutated_pack(seed_pack, rng, sentinel)
+        (case / "in.zst").write_bytes(data)
+        run = lambda: unpack(case / "in.zst", case / "out") and False  # noqa: E731
+    elif target == "inspect":
+        shutil.copytree(seeds / "mem", case / "mem", symlinks=True)
+        mutation = "; ".join(_mutate_archive(case / "mem", rng, sentinel) for _ in range(rng.choice([1, 1, 2])))
+        writable = rng.random() < 0.5
+        mutation += " (opened for writing)" if writable else " (inspected)"
+
+        def run(case=case, writable=writable):
+            if writable:
+                Archive.open(case / "mem", writable=True).close()
+                return False
+            return inspect_archive(case / "mem")["integrity"] != "ok"
+    else:
+        receipt = json.loads(json.dumps(seed_receipt))
+        mutation = "receipt: "
+        if rng.random() < 0.5:
+            receipt, how = _mutate_json(receipt, rng)
+            if rng.random() < 0.5 and isinstance(receipt, dict):  # re-hashed: gets past the hash check
+                try:
+                    receipt["receipt_sha256"] = receipts.content_sha256(receipt)
+                    how += ", re-hashed"
+                except (TypeError, ValueError, RecursionError, AttributeError):
+                    pass
+            text = _dumps(receipt).encode()
+        else:
+            text, how = _mutate_bytes(_dumps(receipt, indent=2).encode(), rng)
+        mutation += how
+        (case / "r.json").write_bytes(text)
+
+        def run(case=case):
+            verdict = receipts.verify_receipt(case / "r.json", strict=rng.random() < 0.3)
+            try:  # the rerun planner reads the command of a hostile receipt too (never runs it here)
+                loaded = json.loads((case / "r.json").read_text())
+                if isinstance(loaded, dict) and isinstance(loaded.get("command"), list) and \
+                        all(isinstance(a, str) for a in loaded["command"]):
+                    receipts.plan_rerun(loaded["command"], case / "rerun")
+            except (IKVError, ValueError, RecursionError):
+                pass
+            return not verdict.ok
+    return run, mutation
+
+
+def _parts(minutes: float, seed: int, tally: Tally) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cases = sum(tally.cases.values())
     distinct = {}
