@@ -25,6 +25,8 @@ import json
 import mmap
 import os
 import re
+import shutil
+import stat
 import struct
 import tarfile
 import uuid as uuidlib
@@ -266,6 +268,14 @@ class _Header:
     model_fingerprint: str
 
 
+def _check_fingerprint(path: Path, m: _Manifest, model_fingerprint: str | None) -> None:
+    if model_fingerprint is not None and m.model_fingerprint != model_fingerprint:
+        raise IKVError(
+            f"archive {path} was written by another model (fingerprint {_short(m.model_fingerprint)}, "
+            f"this model is {_short(model_fingerprint)}); use the model that wrote it or a new archive"
+        )
+
+
 def _parse_header(raw: bytes, where: str) -> _Header:
     """The first HEADER_BYTES of a shard -> _Header, or IKVError. Trusts nothing."""
     if len(raw) < HEADER_BYTES:
@@ -338,6 +348,35 @@ def _json_or_raise(obj, what: str) -> str:
         raise ValueError(f"{what} must be JSON-able: {err}") from None
 
 
+def _open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that never follows a symbolic link and accepts only a regular file: an archive directory may come
+    from someone else, and a LOCK or shard that is a link to another file must not get that file truncated or read.
+    O_NONBLOCK keeps a FIFO planted under an archive name from hanging the open; regular files ignore it."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise IKVError(f"{path} is a symbolic link; an archive's files must be regular files, remove the link "
+                           "or restore the archive from a pack") from None
+        if err.errno == errno.EISDIR:
+            raise _not_regular(path) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise _not_regular(path)
+    if flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink != 1:  # writing would change the other name's file too
+        os.close(fd)
+        raise IKVError(f"{path} is a hard link shared with another file; copy the archive instead of linking it, "
+                       "or open it read-only")
+    return fd
+
+
+def _not_regular(path: Path) -> IKVError:
+    return IKVError(f"{path} is not a regular file (a directory, device or pipe); an archive's files must be regular "
+                    "files, restore the archive from a backup or a pack")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -347,8 +386,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file_durably(path: Path, data: bytes) -> None:
-    """Write a whole new file and fsync it; the file is removed again if anything fails."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """Write a whole new file and fsync it; the file is removed again if anything fails. Whatever had the name
+    before (a leftover, or a link planted there) is unlinked first, never written through."""
+    _remove_quietly(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         _pwrite_all(fd, data, 0)
         os.fsync(fd)
@@ -382,7 +423,7 @@ def _end_of_data(fd: int, start: int, end: int) -> int:
 def _acquire_lock(path: Path) -> int:
     """flock LOCK exclusively (non-blocking) and write our pid into it; the fd holds the lock until closed."""
     try:
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_regular(path / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     except OSError as err:
         raise _io_error(err, f"taking the writer lock of archive {path}") from None
     try:
@@ -548,7 +589,7 @@ class Archive:
                     _remove_quietly(Path(entry.path))
             for layer in range(layout.n_layers):
                 file = path / shard_name(layer)
-                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
                 created.append(file)
                 arc._layers[layer].fd = fd
                 _pwrite_all(fd, _header_bytes(layout, arc.archive_uuid, layer, block_tokens, model_fingerprint), 0)
@@ -575,7 +616,9 @@ class Archive:
     def _check_empty_dir(path: Path) -> None:
         if not path.is_dir():
             raise IKVError(f"{path} exists and is not a directory; choose a new or empty directory for the archive")
-        if (path / MANIFEST_NAME).exists():
+        if _never_committed(path):
+            return  # a first run killed before anything was committed: taken over (its files are replaced)
+        if os.path.lexists(path / MANIFEST_NAME):
             raise IKVError(f"{path} already holds an archive; open it (ikv run --resume) or choose a new directory")
         if not _interrupted_create(path) and any(os.scandir(path)):
             raise IKVError(f"{path} is not empty; choose a new or empty directory for the archive")
@@ -588,17 +631,15 @@ class Archive:
         uncommitted tail is ignored.
         """
         path = Path(path)
-        _read_manifest_file(path)  # refuses missing and non-archive directories before we create a LOCK there
+        # validate before any write: a missing, foreign or damaged archive is refused before a LOCK is made there
+        first = _parse_manifest(_read_manifest_file(path), f"manifest {path / MANIFEST_NAME}")
+        _check_fingerprint(path, first, model_fingerprint)
         lock_fd = _acquire_lock(path) if writable else -1
         try:
             for _ in range(3):
                 raw = _read_manifest_file(path)
                 m = _parse_manifest(raw, f"manifest {path / MANIFEST_NAME}")
-                if model_fingerprint is not None and m.model_fingerprint != model_fingerprint:
-                    raise IKVError(
-                        f"archive {path} was written by another model (fingerprint {_short(m.model_fingerprint)}, "
-                        f"this model is {_short(model_fingerprint)}); use the model that wrote it or a new archive"
-                    )
+                _check_fingerprint(path, m, model_fingerprint)
                 arc = cls(path=path, layout=m.layout, model_fingerprint=m.model_fingerprint, meta=m.meta,
                           mode="disk", writable=writable, block_tokens=m.block_tokens, archive_uuid=m.archive_uuid)
                 arc._lock_fd = lock_fd
@@ -626,7 +667,7 @@ class Archive:
             file = path / shard_name(layer)
             lay = self._layers[layer]
             try:
-                lay.fd = os.open(file, os.O_RDWR if writable else os.O_RDONLY)
+                lay.fd = _open_regular(file, os.O_RDWR if writable else os.O_RDONLY)
             except FileNotFoundError:
                 self._raise_or_superseded(m, IKVError(
                     f"archive {path} is missing its shard {file.name}; restore it from a backup or a pack"))
@@ -662,7 +703,7 @@ class Archive:
         if m.state is not None:
             file = path / m.state.file
             try:
-                self._state_fd = os.open(file, os.O_RDONLY)
+                self._state_fd = _open_regular(file, os.O_RDONLY)
             except FileNotFoundError:
                 self._raise_or_superseded(m, IKVError(
                     f"archive {path} is missing its state file {file.name}; restore it from a backup or a pack"))
@@ -788,6 +829,17 @@ class Archive:
             raise _corrupt(where, "checksum mismatch")
         return raw
 
+    def ram_copy(self) -> Archive:
+        """A writable in-RAM archive holding this one's committed records and state: a conversation continued on it
+        never writes to this archive's directory (`ikv run --resume --read-only`)."""
+        self._check_open()
+        copy = Archive.create(None, self.layout, self.model_fingerprint, mode="ram", meta=self.meta,
+                              block_tokens=self.block_tokens)
+        for layer in range(self.layout.n_layers):
+            copy.append(layer, np.array(self.records(layer)[: self.committed_tokens]))
+        copy.commit(*self.load_state())
+        return copy
+
     # ----------------------------------------------------------------------------------------------- writing
 
     def append(self, layer: int, records: np.ndarray) -> None:
@@ -882,7 +934,7 @@ class Archive:
             self._rollback()
             raise self._rolled_back(err, f"committing archive {self.path}") from None
         old_state, old_fd = self._state, self._state_fd
-        self._state_fd = os.open(state_file, os.O_RDONLY)
+        self._state_fd = _open_regular(state_file, os.O_RDONLY)
         self._state, self.committed_tokens, self.generation, self._manifest_raw = state, n, generation, raw
         for lay in self._layers:
             lay.dirty = False
@@ -981,10 +1033,46 @@ class _Superseded(Exception):
 _OWN_FILE_RE = re.compile(rf"{LOCK_NAME}|{MANIFEST_NAME}\.tmp|layer-\d{{3,}}\.ikv|{_STATE_RE.pattern}")
 
 
+def _own_names(path: Path) -> list[str] | None:
+    """The directory's entry names if every one is a name an archive writes (MANIFEST included), else None."""
+    names = [entry.name for entry in os.scandir(path)]
+    ok = all(name == MANIFEST_NAME or _OWN_FILE_RE.fullmatch(name) for name in names)
+    return names if ok else None
+
+
 def _interrupted_create(path: Path) -> bool:
     """A directory with no MANIFEST and nothing but files an archive writes: a create that was killed midway."""
-    names = [entry.name for entry in os.scandir(path)]
-    return bool(names) and MANIFEST_NAME not in names and all(_OWN_FILE_RE.fullmatch(name) for name in names)
+    names = _own_names(path)
+    return bool(names) and MANIFEST_NAME not in names
+
+
+def _never_committed(path: Path) -> bool:
+    """An archive created but never committed to (a first run killed before its first checkpoint): nothing in it
+    is worth keeping, so a new run may take the directory."""
+    names = _own_names(path)
+    if not names or MANIFEST_NAME not in names:
+        return False
+    try:
+        m = _parse_manifest(_read_manifest_file(path), "manifest")
+    except IKVError:
+        return False
+    return m.committed_tokens == 0 and m.state is None and not any(_STATE_RE.fullmatch(n) for n in names)
+
+
+def never_committed(path) -> bool:
+    """True if `path` holds an archive nothing was ever committed to (a plain run may take the directory over)."""
+    path = Path(path)
+    return path.is_dir() and _never_committed(path)
+
+
+def _holds_committed_data(path: Path) -> bool:
+    """Without a MANIFEST: is there a state file or a shard with records, i.e. more than a killed create?"""
+    for entry in os.scandir(path):
+        if _STATE_RE.fullmatch(entry.name):
+            return True
+        if entry.name.startswith("layer-") and entry.stat(follow_symlinks=False).st_size > HEADER_BYTES:
+            return True
+    return False
 
 
 def _read_manifest_file(path: Path) -> bytes:
@@ -993,15 +1081,21 @@ def _read_manifest_file(path: Path) -> bytes:
     if not path.is_dir():
         raise IKVError(f"{path} is not a directory; an archive is a directory (with a MANIFEST file)")
     try:
-        with open(path / MANIFEST_NAME, "rb") as f:
-            raw = f.read(_MAX_MANIFEST_BYTES + 1)
+        fd = _open_regular(path / MANIFEST_NAME, os.O_RDONLY)
+        try:
+            raw = _pread_exact(fd, _MAX_MANIFEST_BYTES + 1, 0)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         if not any(os.scandir(path)):
             raise IKVError(f"{path} is empty, not an archive; create one there first (ikv run --archive {path})") \
                 from None
-        if _interrupted_create(path):
+        if _interrupted_create(path) and not _holds_committed_data(path):
             raise IKVError(f"{path} holds an archive whose creation was interrupted (no {MANIFEST_NAME}, nothing "
                            "committed); create it again") from None
+        if _interrupted_create(path):
+            raise IKVError(f"{path} has lost its {MANIFEST_NAME}: its shards and state are there, but nothing can be "
+                           "trusted without it; restore the archive from a backup or a pack") from None
         raise IKVError(
             f"{path} is not an InfiniteKV archive (no {MANIFEST_NAME}); check the path, or choose an empty directory"
         ) from None
@@ -1021,7 +1115,8 @@ def inspect_archive(path) -> dict:
     raw = _read_manifest_file(path)
     m = _parse_manifest(raw, f"manifest {path / MANIFEST_NAME}")
     layout, n = m.layout, m.committed_tokens
-    files = {e.name: e.stat().st_size for e in sorted(os.scandir(path), key=lambda e: e.name) if e.is_file()}
+    files = {e.name: e.stat(follow_symlinks=False).st_size for e in sorted(os.scandir(path), key=lambda e: e.name)
+             if e.is_file(follow_symlinks=False)}
     integrity, recovered = "ok", None
     try:
         with Archive.open(path, writable=False) as arc:
@@ -1135,11 +1230,18 @@ class _BytesReader:
 
 
 _PACK_NAME_RE = re.compile(rf"{MANIFEST_NAME}|layer-\d{{3,}}\.ikv|{_STATE_RE.pattern}")
+UNPACK_MAX_BYTES = 1 << 40  # the most one unpack writes unless the caller allows more (also capped by free space)
+_MAX_INDEX_BYTES = 1 << 20  # an index lists a few hundred files at most
+_MAX_WINDOW_BYTES = 1 << 27  # zstd window a pack may ask for; ours use 2 MiB (level 3)
+_TAR_SLACK = 1 << 20  # tar headers and end-of-archive padding around the declared member bytes
 
 
-def unpack(src_file, dst_dir) -> dict:
+def unpack(src_file, dst_dir, *, max_bytes: int = UNPACK_MAX_BYTES) -> dict:
     """Restore a pack into a new or empty directory, verifying the pack's checksums and then the archive's own.
 
+    A pack is hostile until verified: nothing larger than its index declares is ever decompressed, the index must
+    agree with the MANIFEST it carries (every shard and the state file at exactly the size the manifest implies), the
+    total must fit in `max_bytes` and in the free space of dst_dir, and memory stays within a few small buffers.
     On any failure nothing is left behind in dst_dir.
     """
     src, dst = Path(src_file), Path(dst_dir)
@@ -1154,12 +1256,15 @@ def unpack(src_file, dst_dir) -> dict:
         if made_dir:
             os.makedirs(dst)
         with open(src, "rb") as f:
-            zf = _ZstdReader(f)
+            zf = _ZstdReader(f, limit=_MAX_INDEX_BYTES + _TAR_SLACK, where=where)
             with tarfile.open(fileobj=zf, mode="r|") as tar:
                 expected = None
                 for member in tar:
                     if expected is None:
                         expected = _pack_index(tar, member, where)
+                        declared = sum(size for _, size, _ in expected)
+                        _check_room(dst, declared, max_bytes, where)
+                        zf.limit = zf.total + declared + 512 * (2 * len(expected) + 2) + _TAR_SLACK
                         continue
                     if not expected:
                         raise _corrupt(where, f"unexpected member {member.name!r}", _REPACK)
@@ -1167,11 +1272,11 @@ def unpack(src_file, dst_dir) -> dict:
                     if member.name != name or not member.isfile() or member.size != size:
                         raise _corrupt(where, f"member {member.name!r} does not match the index ({name!r})", _REPACK)
                     out = dst / name
-                    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
                     written.append(out)
                     hasher, offset, source = xxhash.xxh3_64(), 0, tar.extractfile(member)
                     try:
-                        while chunk := source.read(8 << 20):
+                        while offset < size and (chunk := source.read(min(1 << 20, size - offset))):
                             hasher.update(chunk)
                             _pwrite_all(fd, chunk, offset)
                             offset += len(chunk)
@@ -1180,9 +1285,11 @@ def unpack(src_file, dst_dir) -> dict:
                         os.close(fd)
                     if offset != size or hasher.intdigest() != checksum:
                         raise _corrupt(where, f"checksum mismatch in {name}", _REPACK)
+                    if name == MANIFEST_NAME:  # the rest of the index must be exactly what this manifest implies
+                        _check_index_against_manifest(out, expected, where)
                 if expected is None or expected:
                     raise _corrupt(where, "truncated: members are missing", _REPACK)
-            zf.finish(where)
+            zf.finish()
         _fsync_dir(dst)
         try:
             with Archive.open(dst, writable=False) as arc:  # the archive's own header, block and state checksums
@@ -1202,56 +1309,96 @@ def unpack(src_file, dst_dir) -> dict:
             raise
         if isinstance(err, OSError) and not isinstance(err, (tarfile.TarError, zstandard.ZstdError)):
             raise _io_error(err, f"unpacking {src} into {dst}") from None
-        if isinstance(err, (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError)):
+        if isinstance(err, (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError, OverflowError)):
             raise _corrupt(where, f"{type(err).__name__}: {err}", _REPACK) from None
         raise
     return info
 
 
-class _ZstdReader:
-    """A file-like over a zstd stream that can tell (finish) whether the frame really ended, checksum included."""
+def _check_room(dst: Path, declared: int, max_bytes: int, where: str) -> None:
+    if declared > max_bytes:
+        raise IKVError(f"{where} declares {declared:,} bytes, more than the {max_bytes:,} allowed; "
+                       "pass a larger --max-bytes if you trust it")
+    free = shutil.disk_usage(dst).free
+    if declared > free:
+        raise IKVError(f"{where} needs {declared:,} bytes but {dst} has {free:,} free; free some space or unpack "
+                       "elsewhere")
 
-    def __init__(self, f):
-        self.f, self.dobj, self.buf = f, zstandard.ZstdDecompressor().decompressobj(), bytearray()
+
+def _check_index_against_manifest(manifest_file: Path, rest: list, where: str) -> None:
+    """The files after MANIFEST must be its shards cut at the committed point, then its state file, nothing else."""
+    m = _parse_manifest(manifest_file.read_bytes(), f"{where}: {MANIFEST_NAME}")
+    want = [(shard_name(i), HEADER_BYTES + m.committed_tokens * m.layout.token_bytes) for i in range(m.layout.n_layers)]
+    if m.state is not None:
+        want.append((m.state.file, m.state.bytes))
+    got = [(name, size) for name, size, _ in rest]
+    if got != want:
+        raise _corrupt(where, f"its {PACK_INDEX_NAME} does not list the files its {MANIFEST_NAME} implies", _REPACK)
+
+
+class _ZstdReader:
+    """A file-like over one zstd frame for tarfile, bounded twice: one decompress call gets at most 512 input bytes
+    (zstd expands a byte at most ~32k-fold, so a call yields at most ~16 MiB), and the total handed out may not pass
+    `limit` (the pack's declared size). `finish` tells whether the frame really ended, checksum included."""
+
+    def __init__(self, f, *, limit: int, where: str):
+        self.f, self.limit, self.where, self.total = f, limit, where, 0
+        self.dobj = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW_BYTES).decompressobj()
+        self.buf, self.pending, self.at = bytearray(), b"", 0
+
+    def _feed(self) -> bool:
+        if self.at >= len(self.pending):
+            self.pending, self.at = self.f.read(1 << 16), 0
+            if not self.pending:
+                return False
+        piece = self.pending[self.at : self.at + 512]
+        self.at += len(piece)
+        self.buf += self.dobj.decompress(piece)
+        if self.total + len(self.buf) > self.limit:
+            raise _corrupt(self.where, "it decompresses to more than its index declares", _REPACK)
+        return True
 
     def read(self, size: int = -1) -> bytes:
-        while (size < 0 or len(self.buf) < size) and not self.dobj.eof:
-            chunk = self.f.read(1 << 20)
-            if not chunk:
-                break
-            self.buf += self.dobj.decompress(chunk)
-        size = len(self.buf) if size < 0 else min(size, len(self.buf))
-        out = bytes(self.buf[:size])
-        del self.buf[:size]
+        want = self.limit + 1 if size < 0 else size
+        while len(self.buf) < want and not self.dobj.eof and self._feed():
+            pass
+        out = bytes(self.buf[:want])
+        del self.buf[:want]
+        self.total += len(out)
         return out
 
-    def finish(self, where: str) -> None:
-        self.read()
+    def finish(self) -> None:
+        while self.read(1 << 20):
+            pass
         if not self.dobj.eof:
-            raise _corrupt(where, "truncated: the zstd stream ends early", _REPACK)
-        if self.dobj.unused_data or self.f.read(1):
-            raise _corrupt(where, "unexpected bytes after the zstd stream", _REPACK)
+            raise _corrupt(self.where, "truncated: the zstd stream ends early", _REPACK)
+        if self.dobj.unused_data or self.at < len(self.pending) or self.f.read(1):
+            raise _corrupt(self.where, "unexpected bytes after the zstd stream", _REPACK)
 
 
 def _pack_index(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> list:
-    if member.name != PACK_INDEX_NAME or not member.isfile() or member.size > 64 << 20:
+    if member.name != PACK_INDEX_NAME or not member.isfile() or member.size > _MAX_INDEX_BYTES:
         raise _corrupt(where, f"first member is {member.name!r}, not {PACK_INDEX_NAME}", _REPACK)
     try:
         index = json.loads(tar.extractfile(member).read())
+        if not isinstance(index, dict) or not isinstance(index.get("pack_version"), int):
+            raise ValueError("no pack_version")
         if index["pack_version"] > PACK_VERSION:
             raise IKVError(f"{where} has pack version {index['pack_version']} but this InfiniteKV reads "
                            f"{PACK_VERSION} or older; upgrade infinitekv")
         entries = [(e["name"], e["bytes"], int(e["xxh3"], 16)) for e in index["files"]]
     except IKVError:
         raise
-    except (ValueError, KeyError, TypeError, RecursionError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError, AttributeError) as err:
         raise _corrupt(where, f"unreadable {PACK_INDEX_NAME}: {err}", _REPACK) from None
     names = [name for name, _, _ in entries]
     if (
         not all(isinstance(n, str) and _PACK_NAME_RE.fullmatch(n) for n in names)
-        or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for _, size, _ in entries)
+        or not all(isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 1 << 50
+                   for _, size, _ in entries)
         or len(set(names)) != len(names)
-        or MANIFEST_NAME not in names
+        or not names
+        or names[0] != MANIFEST_NAME
     ):
         raise _corrupt(where, f"{PACK_INDEX_NAME} lists unexpected files", _REPACK)
     return entries

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import stat
 import sys
 import time
 from dataclasses import asdict
@@ -13,6 +17,8 @@ import typer
 
 from infinitekv.attention import RetrievalConfig
 from infinitekv.tasks import KINDS
+from infinitekv.archive import UNPACK_MAX_BYTES
+from infinitekv.engine import CHECKPOINT_EVERY
 from infinitekv.errors import IKVError
 from infinitekv.models import DEFAULT_MODEL
 
@@ -25,6 +31,7 @@ app.add_typer(bench_app, name="bench")
 
 def fail(message: str) -> None:
     """Print one line and exit 2: the only way a user-facing error leaves the CLI."""
+    _end_progress_line()
     print(f"ikv: error: {message}", file=sys.stderr)
     raise typer.Exit(code=2)
 
@@ -32,36 +39,87 @@ def fail(message: str) -> None:
 @app.command()
 def verify(
     files: list[str] = typer.Argument(..., help="Receipt files, e.g. receipts/*.json."),
-    rerun: bool = typer.Option(False, "--rerun", help="Run each recorded command again here and compare field by field."),
-    timeout: float | None = typer.Option(None, "--timeout", help="With --rerun: give up on a command after this many seconds."),
+    rerun: bool = typer.Option(False, "--rerun", help="Run each recorded command again (in a fresh temporary "
+                               "directory, after showing it) and compare field by field."),
+    yes: bool = typer.Option(False, "--yes", help="With --rerun: run without asking for confirmation."),
+    timeout: float | None = typer.Option(None, "--timeout", help="With --rerun: give up on a command (and kill "
+                                         "everything it started) after this many seconds."),
+    trust: list[Path] = typer.Option([], "--trust", help="Public key file (from ikv keygen); receipts must be "
+                                     "signed by one of the keys given. Repeatable."),
+    strict: bool = typer.Option(False, "--strict", help="Provenance warnings (dirty tree, unknown commit, other "
+                                "version) fail the receipt."),
 ) -> None:
-    """Check receipts are well-formed and unedited (exit 0 only if all pass); --rerun checks they reproduce."""
-    from infinitekv.receipts import rerun_receipt, verify_receipt
+    """Check receipts are well-formed and not edited since written (the hash: integrity, not authorship; signatures
+    with --trust say who vouches for them). Exit 0 only if all pass; --rerun checks they reproduce."""
+    from infinitekv.receipts import load_trusted_keys, rerun_receipt, verify_receipt
 
     all_ok = True
     try:
+        trusted = load_trusted_keys(trust) if trust else None
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise IKVError(f"--timeout must be a positive number of seconds, got {timeout}")
+        if rerun and not yes and not sys.stdin.isatty():
+            raise IKVError("--rerun runs the command a receipt records; pass --yes to run it without being asked "
+                           "(stdin is not a terminal)")
         for path in files:
-            if rerun:
+            verdict = verify_receipt(path, trusted=trusted, strict=strict)
+            if rerun and verdict.ok:
                 print(f"rerunning {path} ...", file=sys.stderr, flush=True)
-                report = rerun_receipt(path, timeout_s=timeout)
+                report = rerun_receipt(path, timeout_s=timeout, confirm=None if yes else _confirm_rerun)
                 print("\n".join(report.lines()), flush=True)
                 all_ok &= report.ok
             else:
-                verdict = verify_receipt(path)
                 print(f"OK  {path}" if verdict.ok else f"FAIL {path}: {verdict.message}", flush=True)
                 all_ok &= verdict.ok
+            for warning in verdict.warnings if verdict.ok else []:
+                print(f"  warning: {warning}", flush=True)
     except IKVError as err:
         fail(str(err))
     if not all_ok:
         raise typer.Exit(code=1)
 
 
+def _confirm_rerun(plan) -> bool:
+    from infinitekv.receipts import shown_command
+
+    print(f"the receipt's command, to run in {plan.workdir}:\n  {shown_command(plan)}", file=sys.stderr)
+    for note in plan.notes:
+        print(f"  ({note})", file=sys.stderr)
+    print("run it? [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+@app.command()
+def keygen(out: Path = typer.Argument(..., help="Private key file to create (the public key goes to OUT.pub).")) -> None:
+    """Make an ed25519 key pair for signing receipts (ikv sign) and checking them (ikv verify --trust OUT.pub)."""
+    from infinitekv.receipts import generate_key, key_fingerprint, load_trusted_keys
+
+    private, public = generate_key(out)
+    (key,) = load_trusted_keys([public])
+    print(f"private key {private} (keep it secret), public key {public} ({key_fingerprint(key)})")
+
+
+@app.command()
+def sign(
+    files: list[Path] = typer.Argument(..., help="Receipts to sign (each must verify first)."),
+    key: Path = typer.Option(..., "--key", help="Private key file written by ikv keygen."),
+) -> None:
+    """Sign receipts with your key, so others can check with ikv verify --trust YOUR.pub that you vouch for them."""
+    from infinitekv.receipts import sign_receipt_file
+
+    for path in files:
+        print(f"signed {path} ({sign_receipt_file(path, key)})")
+
+
 def _top_k(value: str) -> int:
     if value == "auto":
         return RetrievalConfig.top_k_cold
-    if not value.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", value):
         raise IKVError(f"--top-k-cold must be 'auto' or a whole number >= 0, got '{value}'")
     return int(value)
+
+
+MAX_PROMPT_BYTES = 256 << 20  # far past any context a model reads; a bound so /dev/zero is not read until memory ends
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str | None:
@@ -70,13 +128,70 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str | None:
     if prompt is not None:
         raise IKVError("pass either --prompt or --prompt-file, not both")
     try:
-        return prompt_file.read_text(encoding="utf-8")
+        fd = os.open(prompt_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IKVError(f"prompt file {prompt_file} is not a regular file (a directory, device or pipe); "
+                               "pass a text file")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read(MAX_PROMPT_BYTES + 1)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise IKVError(f"prompt file {prompt_file} does not exist; check the path") from None
-    except UnicodeDecodeError:
-        raise IKVError(f"prompt file {prompt_file} is not UTF-8 text; convert it to UTF-8") from None
     except OSError as err:
         raise IKVError(f"cannot read prompt file {prompt_file}: {err.strerror}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise IKVError(f"prompt file {prompt_file} is larger than {MAX_PROMPT_BYTES >> 20} MiB; pass a smaller file")
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError:
+        raise IKVError(f"prompt file {prompt_file} is not UTF-8 text; convert it to UTF-8") from None
+
+
+def _check_run_options(*, mode, archive, resume, read_only, max_new_tokens, temperature, top_p, checkpoint_every):
+    """Every refusal `ikv run` can make before loading a model, each as one line naming the fix."""
+    if mode not in ("disk", "ram"):
+        raise IKVError(f"--mode must be 'disk' or 'ram', got '{mode}'")
+    if mode == "disk" and archive is None:
+        raise IKVError("--mode disk needs --archive DIR (or use --mode ram)")
+    if archive is not None and archive.exists() and not archive.is_dir():
+        raise IKVError(f"--archive {archive} is a file, not a directory; pass a new or existing archive directory")
+    if resume and archive is None:
+        raise IKVError("--resume needs --archive pointing at an existing archive directory")
+    if read_only and not resume:
+        raise IKVError("--read-only continues a saved conversation without saving; it needs --resume --archive DIR")
+    if resume and not archive.is_dir():
+        raise IKVError(f"archive directory {archive} does not exist; run once without --resume to create it")
+    try:
+        taken = not resume and archive is not None and archive.exists() and any(archive.iterdir())
+        if taken:
+            from infinitekv.archive import never_committed
+
+            taken = not never_committed(archive)
+    except OSError as err:
+        raise IKVError(f"cannot read archive directory {archive} ({err.strerror or err}); check its permissions") \
+            from None
+    if taken:
+        raise IKVError(f"{archive} already exists and is not empty; pass --resume to continue its conversation "
+                       f"or choose a new --archive directory")
+    if max_new_tokens < 1:
+        raise IKVError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise IKVError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise IKVError(f"--top-p must be in (0, 1], got {top_p}")
+    if checkpoint_every < 0:
+        raise IKVError(f"--checkpoint-every must be 0 (off) or a number of chunks, got {checkpoint_every}")
+
+
+def _pending_read(archive: Path) -> dict | None:
+    """The interrupted read a disk archive's last checkpoint holds ({inputs, tokens}), or None."""
+    from infinitekv.archive import Archive
+
+    with Archive.open(archive, writable=False) as arc:
+        meta = arc.load_state()[1]
+    return meta.get("pending") if isinstance(meta, dict) else None
 
 
 @app.command()
@@ -87,7 +202,10 @@ def run(
     prompt: Optional[str] = typer.Option(None, help="Document text to read."),
     prompt_file: Optional[Path] = typer.Option(None, help="Read the document from this UTF-8 file."),
     question: Optional[str] = typer.Option(None, help="Question asked after the document."),
-    resume: bool = typer.Option(False, help="Continue the conversation saved in --archive without re-reading it."),
+    resume: bool = typer.Option(False, help="Continue the conversation saved in --archive without re-reading it "
+                                "(or finish a read that was interrupted, from its last checkpoint)."),
+    read_only: bool = typer.Option(False, "--read-only", help="With --resume: answer from the archive without "
+                                   "writing to it (the turn is not saved)."),
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
     hot_window: int = typer.Option(RetrievalConfig.hot_window, help="Most recent tokens kept exact."),
     sinks: int = typer.Option(RetrievalConfig.sinks, help="First tokens kept exact (attention sinks)."),
@@ -96,6 +214,8 @@ def run(
     chunk_size: int = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size in tokens."),
     dense_up_to: str = typer.Option("auto", help="Exact attention while the whole sequence fits this many tokens: "
                                     "auto (the model's trained window), N, or 0 to retrieve from the start."),
+    checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help="Commit a disk archive every N prefill chunks, so "
+                                         "an interrupted read resumes there (0: only at the end)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold when temperature > 0."),
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -103,24 +223,17 @@ def run(
 ) -> None:
     """Read a long document into a retrieval-backed cache and answer a question; the answer goes to stdout."""
     from infinitekv import receipts
+    from infinitekv.archive import Archive
     from infinitekv.engine import enable
     from infinitekv.models import load_model
 
     started_at = receipts.utc_now()
     clock = time.perf_counter()
-    if mode not in ("disk", "ram"):
-        raise IKVError(f"--mode must be 'disk' or 'ram', got '{mode}'")
-    if mode == "disk" and archive is None:
-        raise IKVError("--mode disk needs --archive DIR (or use --mode ram)")
-    if resume and archive is None:
-        raise IKVError("--resume needs --archive pointing at an existing archive directory")
-    if resume and not archive.is_dir():
-        raise IKVError(f"archive directory {archive} does not exist; run once without --resume to create it")
-    if not resume and archive is not None and archive.exists() and any(archive.iterdir()):
-        raise IKVError(f"{archive} already exists and is not empty; pass --resume to continue its conversation "
-                       f"or choose a new --archive directory")
+    _check_run_options(mode=mode, archive=archive, resume=resume, read_only=read_only, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, checkpoint_every=checkpoint_every)
     document = _read_prompt(prompt, prompt_file)
-    if not document and not question:
+    pending = _pending_read(archive) if resume else None
+    if not document and not question and not pending:
         raise IKVError("nothing to ask: pass --prompt, --prompt-file and/or --question")
     config = RetrievalConfig(
         sinks=sinks, hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist, chunk_size=chunk_size,
@@ -128,15 +241,32 @@ def run(
     )
     loaded = load_model(model)
     print(f"model {model} loaded ({loaded.weights_sha256[:12]})", file=sys.stderr)
-    with enable(loaded.model, tokenizer=loaded.tokenizer, archive=str(archive) if archive else None, mode=mode,
-                config=config, resume=resume, fingerprint=loaded.weights_sha256) as session:
+    store = str(archive) if archive else None
+    if read_only:  # the conversation continues on a RAM copy; the archive directory is only read
+        with Archive.open(archive, model_fingerprint=loaded.weights_sha256, writable=False) as on_disk:
+            store = on_disk.ram_copy()
+    saved_error = None
+    with enable(loaded.model, tokenizer=loaded.tokenizer, archive=store, mode=mode, config=config, resume=resume,
+                fingerprint=loaded.weights_sha256) as session:
+        session.checkpoint_every = checkpoint_every
         resumed_tokens = len(session.token_ids)
-        answer = session.ask(question, document, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, progress=True)
-        session.commit()
+        checkpoint_tokens = resumed_tokens if session.pending_ids else 0
+        try:
+            answer = session.ask(question, document, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, seed=seed, progress=True)
+        except KeyboardInterrupt:
+            _interrupted(session.archive if mode == "disk" and not read_only else None, archive)
+        if not read_only:
+            try:
+                session.commit()
+            except IKVError as err:  # the answer is not lost: it is printed below, then why it was not saved
+                saved_error = err
         bill = session.memory_bill()
         counters = session.counters
-    print(answer.strip())
+    print(answer.strip(), flush=True)
+    if saved_error is not None:
+        fix = f"; ikv run --archive {archive} --resume --read-only asks without saving" if archive else ""
+        raise IKVError(f"the answer above was not saved: {saved_error}{fix}")
     print(
         f"tokens {bill['tokens']:,} (cold {bill['cold_tokens']:,}); hot tier {bill['hot_tier_bytes'] / 2**20:.1f} MiB; "
         f"cold index {bill['cold_index_bytes_resident'] / 2**20:.2f} MiB resident; cold records "
@@ -154,14 +284,17 @@ def run(
     decode_ms = 1000 * counters.decode_seconds / max(counters.decode_steps, 1)
     record = receipts.build_receipt(
         command=receipts.command_line(),
-        config={**asdict(config), "mode": mode, "resume": resume, "seed": seed, "temperature": temperature,
-                "top_p": top_p, "max_new_tokens": max_new_tokens},
+        config={**asdict(config), "mode": mode, "resume": resume, "read_only": read_only, "seed": seed,
+                "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "checkpoint_every": checkpoint_every},
         model={"source": model, "weights_sha256": loaded.weights_sha256},
         inputs=inputs,
         outputs={"answer": answer, "answer_sha256": receipts.text_input(answer)["sha256"]},
         metrics={
             "prefill_tokens": receipts.metric(counters.prefill_tokens, "tokens"),
             "resumed_tokens": receipts.metric(resumed_tokens, "tokens"),
+            "checkpoint_tokens": receipts.metric(checkpoint_tokens, "tokens"),
+            "checkpoints": receipts.metric(counters.checkpoints, "commits"),
             "prefill_seconds": receipts.metric(round(counters.prefill_seconds, 3), "s"),
             "cold_tokens_per_step": receipts.metric(round(counters.cold_tokens_per_step(), 2),
                                                     "tokens per layer and kv-head"),
@@ -180,12 +313,43 @@ def run(
     print(f"receipt {path}", file=sys.stderr)
 
 
+def _interrupted(store, archive: Path | None) -> None:
+    """Ctrl-C during a turn: say what the archive kept and how to go on, exit 130 (the shell's code for SIGINT)."""
+    _end_progress_line()
+    if store is not None and store.committed_tokens:
+        kept = (f"the archive keeps {store.committed_tokens:,} tokens from its last checkpoint; "
+                f"ikv run --archive {archive} --resume continues the read")
+    elif store is not None:
+        kept = f"nothing was committed yet; a plain ikv run --archive {archive} starts again"
+    else:
+        kept = "nothing was saved"
+    print(f"ikv: interrupted; {kept}", file=sys.stderr, flush=True)
+    global _INTERRUPT_REPORTED
+    _INTERRUPT_REPORTED = True
+    raise typer.Exit(code=130)
+
+
+_INTERRUPT_REPORTED = False
+
+
+def _end_progress_line() -> None:
+    engine = sys.modules.get("infinitekv.engine")
+    if engine is not None and engine.progress_open():
+        print(file=sys.stderr, flush=True)
+
+
 def main() -> None:
     try:
         app()
     except IKVError as err:
+        _end_progress_line()
         print(f"ikv: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as done:  # typer turns Ctrl-C into a silent exit 130; say so unless the command already did
+        if done.code == 130 and not _INTERRUPT_REPORTED:
+            _end_progress_line()
+            print("ikv: interrupted", file=sys.stderr)
+        raise
 
 
 def _size(n: int) -> str:
@@ -248,14 +412,18 @@ def archive_pack(
 
 @archive_app.command("unpack")
 def archive_unpack(
-    src: Path = typer.Argument(..., help="Pack file written by `ikv archive pack`."),
+    src: Path = typer.Argument(..., help="Pack file written by `ikv archive pack` (possibly by someone else)."),
     dst: Path = typer.Argument(..., help="New or empty directory for the archive."),
+    max_bytes: int = typer.Option(UNPACK_MAX_BYTES, help="Refuse a pack that declares more than this many bytes "
+                                  "(it is refused anyway if it does not fit in the free space)."),
 ) -> None:
-    """Unpack a pack into a new archive directory, verifying every checksum."""
+    """Unpack a pack into a new archive directory, verifying every checksum; sizes are bounded before writing."""
     from infinitekv.archive import unpack
 
+    if max_bytes < 1:
+        fail(f"--max-bytes must be positive, got {max_bytes}")
     try:
-        info = unpack(src, dst)
+        info = unpack(src, dst, max_bytes=max_bytes)
     except IKVError as err:
         fail(str(err))
     print(f"unpacked {src} into {dst}: {info['committed_tokens']:,} tokens, {_size(info['bytes'])}, checksums verified")
@@ -534,3 +702,56 @@ def bench_serve_load(
     print(f"receipt {path}", file=sys.stderr)
     if any(v["verdict"] != "pass" for v in parts["gates"].values()):
         raise typer.Exit(code=1)
+
+
+@bench_app.command("fuzz")
+def bench_fuzz(
+    minutes: float = typer.Option(30.0, help="How long to fuzz (wall clock)."),
+    seed: int = typer.Option(0, help="Seeds the mutations."),
+    receipt: Optional[Path] = _RECEIPT,
+) -> None:
+    """Random and mutated packs, archives and receipts against unpack, inspect/open and verify: any traceback, hang
+    or write outside the case directory is a finding. Needs no model."""
+    from infinitekv import fuzz, receipts
+
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise IKVError(f"--minutes must be a positive number, got {minutes}")
+    started_at, clock = receipts.utc_now(), time.perf_counter()
+    parts = fuzz.fuzz(minutes, seed)
+    record = receipts.build_receipt(command=receipts.command_line(), config=parts["config"],
+                                    model={"source": None, "weights_sha256": None}, inputs={},
+                                    outputs=parts["outputs"], metrics=parts["metrics"], gates=parts["gates"],
+                                    started_at=started_at, duration_s=time.perf_counter() - clock)
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("fuzz"))
+    for name, value in parts["metrics"].items():
+        print(f"{name}: {value['value']} {value['unit']}")
+    for finding in parts["outputs"]["findings"]:
+        print(f"finding {finding['target']}: {finding['problem']} ({finding['mutation']}) at {finding['where']}")
+    print(f"gate no_traceback_hang_or_escape: {parts['gates']['no_traceback_hang_or_escape']['verdict']}")
+    print(f"receipt {path}", file=sys.stderr)
+    if parts["gates"]["no_traceback_hang_or_escape"]["verdict"] != "pass":
+        raise typer.Exit(code=1)
+
+
+@bench_app.command("interrupted")
+def bench_interrupted(
+    prompt_file: Path = typer.Option(..., help="The document to read (e.g. receipts/haystack-32k.txt)."),
+    question: str = typer.Option("What is the magic number mentioned in the text? Answer with the number.",
+                                 help="The question asked after it."),
+    model: str = _MODEL,
+    receipt: Optional[Path] = _RECEIPT,
+    kill_at: float = typer.Option(0.6, help="Kill the read (SIGKILL) once this fraction of its chunks is done."),
+    checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help="Prefill chunks between checkpoints."),
+    max_new_tokens: int = typer.Option(16, help="Most tokens to generate."),
+) -> None:
+    """A long read killed midway and resumed from its last checkpoint answers exactly like an uninterrupted one."""
+    from infinitekv.interrupted import bench_interrupted as measure
+
+    if not 0 < kill_at < 1:
+        raise IKVError(f"--kill-at must be between 0 and 1, got {kill_at}")
+    if checkpoint_every < 1:
+        raise IKVError(f"--checkpoint-every must be at least 1 chunk here, got {checkpoint_every}")
+    _read_prompt(None, prompt_file)  # one line now, not after the first run, if the file is unreadable
+    _bench("interrupted", model, receipt, lambda loaded: measure(
+        prompt_file, question, model=model, kill_at=kill_at, checkpoint_every=checkpoint_every,
+        max_new_tokens=max_new_tokens))

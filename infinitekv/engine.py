@@ -10,6 +10,8 @@ On exit the original attention forwards are restored; the weights are never writ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import sys
 import time
 import types
@@ -26,6 +28,8 @@ from infinitekv.errors import IKVError
 from infinitekv.models import check_supported, weights_sha256
 
 STATE_VERSION = 2  # 2: exact attention inside the trained window (config dense_up_to)
+CHECKPOINT_EVERY = 8  # prefill chunks between checkpoints of a disk archive (8 x 512 tokens); 0 turns them off
+_STATE_KEYS = frozenset({"state_version", "config", "transcript", "messages", "pending"})
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Counters:
     prefill_seconds: float = 0.0
     decode_steps: int = 0
     decode_seconds: float = 0.0
+    checkpoints: int = 0  # commits made in the middle of a prefill
     extra: dict = field(default_factory=dict)  # cold_tokens_attended and query_tokens, summed over layers by the attention
 
     def cold_tokens_per_step(self) -> float:
@@ -75,6 +80,11 @@ class Session:
         self.token_ids: list[int] = []
         self.transcript = ""  # the text whose tokens are in the cache, for continuing chat turns
         self.messages: list[dict] = []
+        # a turn being read: its token ids not fed yet, and the hashes of the text they came from; committed by a
+        # checkpoint so an interrupted read resumes where it stopped (see feed)
+        self.pending_ids: list[int] = []
+        self.pending_inputs: dict = {}
+        self.checkpoint_every = CHECKPOINT_EVERY
         self.rope = Rope(model.model.rotary_emb, self.dtype, self.device)
 
     # ---- feeding tokens -------------------------------------------------------------------------------------
@@ -86,16 +96,27 @@ class Session:
         return logits[0, -1].float()
 
     def feed(self, ids: list[int], progress: bool = False) -> torch.Tensor:
-        """Prefill `ids` in chunks; returns the logits after the last one."""
+        """Prefill `ids` in chunks; returns the logits after the last one.
+
+        A disk archive gets a checkpoint (a commit, with the ids still to read) every `checkpoint_every` chunks, so
+        a read killed midway resumes from the last checkpoint instead of from the start. Checkpoints fall on chunk
+        boundaries of `ids`, so the resumed read feeds exactly the chunks the uninterrupted one would have.
+        """
         if not ids:
             raise IKVError("nothing to read: the prompt is empty; pass --prompt, --prompt-file or --question")
         start = time.perf_counter()
         chunk = self.config.chunk_size
         n_chunks = (len(ids) + chunk - 1) // chunk
+        checkpoints = self.checkpoint_every if self.archive.mode == "disk" and self.archive.writable else 0
         for index in range(n_chunks):
             logits = self._forward(ids[index * chunk : (index + 1) * chunk])
+            if checkpoints and (index + 1) % checkpoints == 0 and index + 1 < n_chunks:
+                self.pending_ids = ids[(index + 1) * chunk :]
+                self.commit()
+                self.counters.checkpoints += 1
             if progress:
                 print_progress("prefill", index + 1, n_chunks, len(self.token_ids))
+        self.pending_ids = []
         self.counters.prefill_tokens += len(ids)
         self.counters.prefill_seconds += time.perf_counter() - start
         return logits
@@ -158,8 +179,21 @@ class Session:
 
     def ask(self, question: str | None, document: str | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, progress: bool = False) -> str:
-        user_text = "\n\n".join(part for part in (document, question) if part)
-        ids = self.turn_ids(user_text)
+        """One turn. If a restored archive was interrupted while reading a turn, that read continues (the document
+        and question, when given, must be the ones it was reading)."""
+        given = _turn_inputs(document, question)
+        if self.pending_ids:
+            for name, digest in given.items():
+                if digest is not None and digest != self.pending_inputs.get(name):
+                    raise IKVError(
+                        f"the archive was interrupted while reading another {name} (sha256 "
+                        f"{str(self.pending_inputs.get(name))[:12]}); pass the same one, or none, to finish that read"
+                    )
+            ids = self.pending_ids
+        else:
+            user_text = "\n\n".join(part for part in (document, question) if part)
+            self.pending_inputs = given
+            ids = self.turn_ids(user_text)
         generated = self.generate(ids, max_new_tokens, temperature, top_p, seed, progress=progress)
         answer = self.tokenizer.decode(generated, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": answer.strip()})
@@ -187,6 +221,9 @@ class Session:
             "transcript": self.transcript,
             "messages": self.messages,
         }
+        if self.pending_ids:
+            arrays["pending_ids"] = np.asarray(self.pending_ids, dtype=np.int64)
+            meta["pending"] = {"inputs": self.pending_inputs, "tokens": len(self.pending_ids)}
         self.archive.commit(arrays, meta)
 
     def restore(self) -> None:
@@ -200,7 +237,7 @@ class Session:
                 f"archive conversation state is version {meta.get('state_version')}, this infinitekv reads "
                 f"{STATE_VERSION}; use the infinitekv version that wrote it"
             )
-        saved = RetrievalConfig(**meta["config"])
+        saved = _checked_state(arrays, meta, len(self.memories), self.archive.path)
         for name in ("sinks", "hot_window", "evict_batch", "rotation_seed"):
             if getattr(saved, name) != getattr(self.config, name):
                 raise IKVError(
@@ -217,6 +254,9 @@ class Session:
             memory.key_mean = arrays.get(f"layer{index}.key_mean")
         self.transcript = meta["transcript"]
         self.messages = meta["messages"]
+        pending = meta.get("pending")
+        self.pending_ids = arrays["pending_ids"].tolist() if pending else []
+        self.pending_inputs = pending["inputs"] if pending else {}
 
     # ---- accounting -----------------------------------------------------------------------------------------
     def memory_bill(self) -> dict:
@@ -241,6 +281,45 @@ class Session:
         }
 
 
+def _turn_inputs(document: str | None, question: str | None) -> dict:
+    digest = lambda text: hashlib.sha256(text.encode("utf-8")).hexdigest() if text else None  # noqa: E731
+    return {"document": digest(document), "question": digest(question)}
+
+
+def _checked_state(arrays: dict, meta: dict, n_layers: int, where) -> RetrievalConfig:
+    """The saved config, after checking the state holds what restore reads: its checksums passed, but a state
+    written by another version (or by hand) must still get one line, not a KeyError."""
+    def refuse(what: str) -> IKVError:
+        return IKVError(f"archive {where} holds a conversation state this infinitekv cannot read ({what}); use the "
+                        "infinitekv version that wrote it, or start a new archive")
+
+    if not isinstance(meta, dict):
+        raise refuse("its metadata is not an object")
+    unknown = sorted(set(meta) - _STATE_KEYS)
+    if unknown:
+        raise refuse(f"unknown field {unknown[0]!r}")
+    config = meta.get("config")
+    known = {f.name for f in dataclasses.fields(RetrievalConfig)}
+    if not isinstance(config, dict) or set(config) - known:
+        raise refuse(f"unknown setting {sorted(set(config) - known)[0]!r}" if isinstance(config, dict)
+                     else "no settings")
+    if not isinstance(meta.get("transcript"), str) or not isinstance(meta.get("messages"), list):
+        raise refuse("no transcript")
+    needed = ["token_ids", "rotation"] + [f"layer{i}.{name}" for i in range(n_layers)
+                                           for name in ("sink_k", "sink_v", "window_k", "window_v")]
+    if meta.get("pending") is not None:
+        if not isinstance(meta["pending"], dict) or not isinstance(meta["pending"].get("inputs"), dict):
+            raise refuse("a malformed interrupted read")
+        needed.append("pending_ids")
+    missing = [name for name in needed if name not in arrays]
+    if missing:
+        raise refuse(f"missing tensor {missing[0]!r}")
+    try:
+        return RetrievalConfig(**config)
+    except (TypeError, ValueError) as err:
+        raise refuse(str(err)) from None
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
@@ -252,7 +331,16 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+_progress_open = False  # a progress line is on stderr without its newline (an error printed now starts a new line)
+
+
+def progress_open() -> bool:
+    return _progress_open
+
+
 def print_progress(label: str, done: int, total: int, tokens: int) -> None:
+    global _progress_open
+    _progress_open = done != total
     width = 30
     filled = width * done // total
     end = "\n" if done == total else ""

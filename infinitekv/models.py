@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,26 +110,35 @@ def _from_pretrained(location: str, gguf_file: str | None, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _convert_gguf_once(gguf_path: Path, converted: Path, dtype: torch.dtype):
-    """Dequantize a GGUF (slow: ~30 s) and keep a safetensors copy so the next load takes seconds."""
+def _convert_gguf_once(gguf_path: Path, dtype: torch.dtype, gguf_sha256: str | None = None):
+    """Dequantize a GGUF (slow: ~30 s) and keep a safetensors copy so the next load takes seconds.
+
+    The copy is keyed by the GGUF's SHA-256 (its directory name and a marker inside), never by its name or size:
+    another file that happens to share both must not silently run the old weights.
+    """
+    digest = gguf_sha256 or sha256_file(gguf_path)
+    converted = cache_dir() / f"converted-{digest[:32]}"
     marker = converted / "ikv-converted-from.txt"
-    fingerprint = f"{gguf_path.name} {gguf_path.stat().st_size}"
-    if marker.exists() and marker.read_text() == fingerprint:
+    if marker.is_file() and marker.read_text().split()[:1] == [digest]:
         return _from_pretrained(str(converted), None, dtype)
     print(f"converting {gguf_path.name} to safetensors (once; about 30 s) ...", file=sys.stderr)
-    model, tokenizer = _from_pretrained(str(gguf_path.parent), gguf_path.name, dtype)
+    try:
+        model, tokenizer = _from_pretrained(str(gguf_path.parent), gguf_path.name, dtype)
+    except Exception as err:  # noqa: BLE001 - a hostile or damaged file may fail anywhere inside the GGUF reader
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise IKVError(f"cannot read {gguf_path} as a GGUF model ({type(err).__name__}: {first}); pass a valid .gguf "
+                       "file, a model directory or a hub id") from None
     # transformers marks GGUF-loaded models as quantized and refuses to save them, though the weights it holds
     # are already dequantized floats: drop the marker so the converted copy loads as a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = converted.with_name(converted.name + ".partial")
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=converted.name + ".", suffix=".partial", dir=converted.parent))
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
-    (partial / "ikv-converted-from.txt").write_text(fingerprint)
+    (partial / "ikv-converted-from.txt").write_text(f"{digest} {gguf_path.name}")
     if converted.exists():
-        import shutil
-
         shutil.rmtree(converted)
     os.replace(partial, converted)
     return model, tokenizer
@@ -146,13 +157,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     """Load `spec`: 'smollm2-135m' (default), a local HF directory, a local .gguf file, or a hub id."""
     path = Path(spec).expanduser()
     if spec == DEFAULT_MODEL:
-        gguf_path = smollm2_gguf_path()
-        model, tokenizer = _convert_gguf_once(gguf_path, cache_dir() / "smollm2-135m-instruct", dtype)
+        model, tokenizer = _convert_gguf_once(smollm2_gguf_path(), dtype, _SMOLLM2_GGUF_SHA256)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise IKVError(f"model file {spec} does not exist; pass an existing .gguf file or directory")
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-        model, tokenizer = _convert_gguf_once(path.resolve(), cache_dir() / f"gguf-{digest}", dtype)
+        model, tokenizer = _convert_gguf_once(path.resolve(), dtype)
     elif path.exists():
         if not (path / "config.json").is_file():
             raise IKVError(

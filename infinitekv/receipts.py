@@ -11,12 +11,16 @@ for the home directory, so receipts can be published as they are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import platform
 import re
+import shlex
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,7 +40,9 @@ REQUIRED_FIELDS = (
     "schema", "command", "config", "model", "inputs", "outputs", "metrics",
     "environment", "started_at", "duration_s", "receipt_sha256",
 )
-OPTIONAL_FIELDS = ("gates", "extra")
+OPTIONAL_FIELDS = ("gates", "extra", "signature")
+MAX_RECEIPT_BYTES = 16 << 20  # receipts are kilobytes; anything this large is refused before it is parsed
+MAX_NESTING = 64  # deeper JSON than any receipt holds is refused (and never reaches a recursive walk)
 ENVIRONMENT_FIELDS = (
     "os", "os_release", "kernel", "machine", "cpu_model", "cpu_count", "cpu_available", "ram_bytes", "gpu",
     "python", "torch", "torch_threads", "transformers", "numpy", "numba", "faiss", "infinitekv",
@@ -55,8 +61,9 @@ def canonical_json(obj) -> str:
 
 
 def content_sha256(receipt: dict) -> str:
-    """SHA-256 (hex) of the canonical JSON of every field except `receipt_sha256` itself."""
-    body = {key: value for key, value in receipt.items() if key != "receipt_sha256"}
+    """SHA-256 (hex) of the canonical JSON of every field except `receipt_sha256` itself and the `signature` over
+    it (a signature is added after the receipt is written, by whoever vouches for it)."""
+    body = {key: value for key, value in receipt.items() if key not in ("receipt_sha256", "signature")}
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
 
 
@@ -360,6 +367,8 @@ class Verdict:
     ok: bool
     failing_field: str | None  # dotted, e.g. "metrics.decode_ms_per_token.value"; None when the file is not JSON
     message: str  # "<field>: <why>" on failure
+    warnings: list[str] = field(default_factory=list)  # provenance doubts (failures under strict)
+    signer: str | None = None  # fingerprint of the key whose valid signature the receipt carries
 
 
 def _is_hex64(value) -> bool:
@@ -503,6 +512,10 @@ def _first_problem(receipt) -> tuple[str, str] | None:
         return "extra", "must be an object"
     if not _is_hex64(receipt["receipt_sha256"]):
         return "receipt_sha256", "must be 64 lowercase hex digits"
+    if "signature" in receipt:
+        problem = _signature_problem(receipt["signature"])
+        if problem:
+            return problem
     where = _non_finite(receipt, "")
     if where:
         return where, "NaN or infinity; a receipt holds only finite numbers"
@@ -522,40 +535,100 @@ def _no_duplicates(pairs):
     return seen
 
 
+def _read_bounded(path) -> bytes:
+    """The file's bytes if it is a regular file of at most MAX_RECEIPT_BYTES; OSError or ValueError otherwise.
+    O_NONBLOCK: a FIFO passed as a receipt must not hang verify."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file (a directory, device or pipe), so not a receipt")
+        data = os.read(fd, MAX_RECEIPT_BYTES + 1)
+        while len(data) <= MAX_RECEIPT_BYTES and (more := os.read(fd, MAX_RECEIPT_BYTES + 1 - len(data))):
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECEIPT_BYTES:
+        raise ValueError(f"larger than {MAX_RECEIPT_BYTES >> 20} MiB, so not a receipt (receipts are kilobytes)")
+    return data
+
+
+def _nesting(text: str) -> int:
+    """How deep objects and arrays nest, counted without recursion (string contents skipped)."""
+    depth = deepest = 0
+    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
 def _load(path) -> tuple[dict | None, Verdict | None]:
     shown = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_bounded(path).decode("utf-8")
     except OSError as err:
         return None, Verdict(shown, False, None, f"cannot read the file ({err.strerror or err})")
-    except UnicodeDecodeError:
-        return None, Verdict(shown, False, None, "not UTF-8 text, so not a receipt")
+    except ValueError as err:  # UnicodeDecodeError is a ValueError
+        why = "not UTF-8 text, so not a receipt" if isinstance(err, UnicodeDecodeError) else str(err)
+        return None, Verdict(shown, False, None, why)
+    if _nesting(text) > MAX_NESTING:
+        return None, Verdict(shown, False, None, f"JSON nested deeper than {MAX_NESTING} levels, so not a receipt")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates), None
     except _DuplicateKey as err:
         return None, Verdict(shown, False, str(err), f"{err}: appears twice in one object (a receipt names each field once)")
     except json.JSONDecodeError as err:
         return None, Verdict(shown, False, None, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})")
+    except (RecursionError, ValueError) as err:  # huge integers, nesting the count above missed
+        return None, Verdict(shown, False, None, f"not a receipt ({type(err).__name__}: {str(err)[:80]})")
 
 
-def verify_receipt(path) -> Verdict:
-    """Is the file at `path` a well-formed receipt whose content still matches its `receipt_sha256`?"""
+def verify_receipt(path, *, trusted: dict[str, str] | None = None, strict: bool = False) -> Verdict:
+    """Is the file at `path` a well-formed receipt whose content still matches its `receipt_sha256`?
+
+    That is integrity only: anyone can recompute the hash. A `signature`, if present, must verify; with `trusted`
+    ({public key hex: name}, from `load_trusted_keys`) the receipt must be signed by one of those keys. Provenance
+    doubts (made on a dirty tree, at a commit this checkout does not have, by another infinitekv version) come back
+    as warnings, and fail the receipt when `strict`.
+    """
+    shown = str(path)
     receipt, verdict = _load(path)
     if verdict is not None:
         return verdict
     problem = _first_problem(receipt)
     if problem is not None:
-        return Verdict(str(path), False, problem[0], f"{problem[0]}: {problem[1]}")
+        return Verdict(shown, False, problem[0], f"{problem[0]}: {problem[1]}")
     actual = content_sha256(receipt)
     if actual != receipt["receipt_sha256"]:
         return Verdict(
-            str(path),
+            shown,
             False,
             "receipt_sha256",
             f"receipt_sha256: does not match the content (edited after writing?): recorded "
             f"{receipt['receipt_sha256'][:12]}..., content hashes to {actual[:12]}...",
         )
-    return Verdict(str(path), True, None, "intact and well-formed")
+    signer = None
+    if "signature" in receipt:
+        if not _signature_valid(receipt):
+            return Verdict(shown, False, "signature", "signature: does not verify against receipt_sha256 (edited "
+                           "after signing, or not signed by the key it names)")
+        signer = key_fingerprint(receipt["signature"]["public_key"])
+    if trusted is not None:
+        key = receipt.get("signature", {}).get("public_key")
+        if key is None:
+            return Verdict(shown, False, "signature", "signature: missing, and --trust asks for a receipt signed by a "
+                           "trusted key")
+        if key not in trusted:
+            return Verdict(shown, False, "signature", f"signature: signed by key {signer}, which is not among the "
+                           "trusted keys")
+    warnings = provenance_warnings(receipt)
+    if strict and warnings:
+        return Verdict(shown, False, "provenance", f"provenance: {warnings[0]} (--strict)", warnings, signer)
+    message = "intact and well-formed" + (f"; signed by {signer}" if signer else "")
+    return Verdict(shown, True, None, message, warnings, signer)
 
 
 def read_receipt(path) -> dict:
@@ -564,6 +637,157 @@ def read_receipt(path) -> dict:
     if not verdict.ok:
         raise IKVError(f"{path} is not a valid receipt: {verdict.message}")
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------- provenance
+
+
+@functools.lru_cache(maxsize=1)
+def _this_checkout() -> tuple[Path | None, str | None, bool | None]:
+    """(repository root, HEAD commit, dirty?) of the checkout infinitekv is imported from; Nones when installed."""
+    repo = Path(__file__).resolve().parent.parent
+    commit, dirty = _git_state()
+    return (repo if commit else None), commit, dirty
+
+
+def provenance_warnings(receipt: dict) -> list[str]:
+    """What makes a receipt weaker evidence for the code in this checkout: a dirty tree, a commit this checkout's
+    history does not contain, another infinitekv version. Empty when none applies."""
+    env, out = receipt["environment"], []
+    if env.get("git_dirty"):
+        out.append(f"made on a tree with uncommitted changes (git_dirty at {env.get('git_commit')}), so no commit "
+                   "holds the code it measured")
+    commit = env.get("git_commit")
+    repo, _, _ = _this_checkout()
+    if commit is None:
+        out.append("records no git commit (made from an installed package), so the code it measured is unknown")
+    elif repo is not None:
+        if not re.fullmatch(r"[0-9a-f]{7,40}", str(commit)):
+            out.append(f"git_commit {commit!r} is not a commit hash")
+        elif _git(["merge-base", "--is-ancestor", str(commit), "HEAD"], repo) is None:
+            out.append(f"commit {commit} is not in this checkout's history")
+    version = env.get("infinitekv")
+    if version != __version__:
+        out.append(f"made by infinitekv {version}, this is {__version__}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- signatures
+
+SIGNATURE_ALGORITHM = "ed25519"
+_PUBLIC_KEY_LINE = re.compile(r"ed25519 ([0-9a-f]{64})(?: (.*))?")
+
+
+def _signed_bytes(receipt_sha256: str) -> bytes:
+    """What a signature covers: the schema and the content hash (which covers every other field)."""
+    return f"{SCHEMA} receipt_sha256 {receipt_sha256}".encode("ascii")
+
+
+def key_fingerprint(public_key_hex: str) -> str:
+    """A short name for a public key: ed25519:<first 16 hex digits of its SHA-256>."""
+    return "ed25519:" + hashlib.sha256(bytes.fromhex(public_key_hex)).hexdigest()[:16]
+
+
+def _signature_problem(signature) -> tuple[str, str] | None:
+    if not isinstance(signature, dict) or set(signature) != {"algorithm", "public_key", "value"}:
+        return "signature", "must be an object {algorithm, public_key, value}"
+    if signature["algorithm"] != SIGNATURE_ALGORITHM:
+        return "signature.algorithm", f"{signature['algorithm']!r} is not {SIGNATURE_ALGORITHM!r}"
+    if not _is_hex64(signature["public_key"]):
+        return "signature.public_key", "must be 64 lowercase hex digits (a raw ed25519 public key)"
+    if not isinstance(signature["value"], str) or not re.fullmatch(r"[0-9a-f]{128}", signature["value"]):
+        return "signature.value", "must be 128 lowercase hex digits (a raw ed25519 signature)"
+    return None
+
+
+def _signature_valid(receipt: dict) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    signature = receipt["signature"]
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(signature["public_key"]))
+        key.verify(bytes.fromhex(signature["value"]), _signed_bytes(receipt["receipt_sha256"]))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def generate_key(path) -> tuple[Path, Path]:
+    """A new ed25519 key pair: the private key at `path` (PEM, mode 0600, never overwritten) and the public key at
+    `path`.pub (one line, `ed25519 <hex> <name>`), which is what others pass to `ikv verify --trust`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_path, public_path = Path(path).expanduser(), Path(str(Path(path).expanduser()) + ".pub")
+    for target in (private_path, public_path):
+        if os.path.lexists(target):
+            raise IKVError(f"{target} already exists; choose a new key file name (keys are never overwritten)")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    try:
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+        fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(f"ed25519 {public} {private_path.name}\n")
+    except OSError as err:
+        raise IKVError(f"cannot write key {private_path} ({err.strerror or err}); choose a writable path") from None
+    return private_path, public_path
+
+
+def _load_private_key(path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        data = _read_bounded(Path(path).expanduser())
+        key = serialization.load_pem_private_key(data, password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise IKVError(f"cannot read private key {path} ({getattr(err, 'strerror', None) or err}); pass the file "
+                       "`ikv keygen` wrote (not the .pub)") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IKVError(f"{path} is not an ed25519 private key; make one with ikv keygen")
+    return key
+
+
+def load_trusted_keys(paths) -> dict[str, str]:
+    """{public key hex: where it came from} from files of `ed25519 <hex> [name]` lines (what ikv keygen writes)."""
+    trusted = {}
+    for path in paths:
+        try:
+            lines = _read_bounded(Path(path).expanduser()).decode("utf-8").splitlines()
+        except (OSError, ValueError) as err:
+            raise IKVError(f"cannot read trusted key file {path} ({getattr(err, 'strerror', None) or err}); pass a "
+                           ".pub file written by ikv keygen") from None
+        keys = [m.group(1) for line in lines if (m := _PUBLIC_KEY_LINE.fullmatch(line.strip()))]
+        if not keys or len(keys) != len([line for line in lines if line.strip()]):
+            raise IKVError(f"{path} is not a public key file (each line must be `ed25519 <64 hex digits> [name]`); "
+                           "pass a .pub file written by ikv keygen")
+        trusted.update({key: str(path) for key in keys})
+    return trusted
+
+
+def sign_receipt_file(path, key_path) -> str:
+    """Add (or replace) the signature of a receipt that verifies; returns the signer's fingerprint."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = _load_private_key(key_path)
+    verdict = verify_receipt(path)
+    if not verdict.ok and verdict.failing_field != "signature":
+        raise IKVError(f"{path} is not a valid receipt ({verdict.message}); only intact receipts are signed")
+    receipt = json.loads(_read_bounded(path).decode("utf-8"))
+    if content_sha256(receipt) != receipt["receipt_sha256"]:
+        raise IKVError(f"{path} does not match its receipt_sha256; only intact receipts are signed")
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    receipt["signature"] = {"algorithm": SIGNATURE_ALGORITHM, "public_key": public,
+                            "value": key.sign(_signed_bytes(receipt["receipt_sha256"])).hex()}
+    write_receipt(receipt, path)
+    return key_fingerprint(public)
 
 
 # ------------------------------------------------------------------------------------------------------- rerun
@@ -698,31 +922,157 @@ def compare_receipts(old: dict, new: dict) -> list[Check]:
     return checks
 
 
-_IKV = [sys.executable, "-m", "infinitekv"]  # how a recorded "ikv" is launched: this Python, this infinitekv
+# How a recorded "ikv" is launched: this Python in isolated mode (-I: no current directory, PYTHONPATH or user site on
+# sys.path), with the infinitekv package that is running verify loaded from its own directory by file location. So a
+# numpy.py or infinitekv/ lying in a downloaded results folder is never imported.
+_LAUNCHER = (
+    "import importlib.util, sys\n"
+    "package = sys.argv.pop(1)\n"
+    "spec = importlib.util.spec_from_file_location('infinitekv', package + '/__init__.py',"
+    " submodule_search_locations=[package])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['infinitekv'] = module\n"
+    "spec.loader.exec_module(module)\n"
+    "sys.argv[0] = 'ikv'\n"
+    "from infinitekv.cli import main\n"
+    "main()\n"
+)
 
 
-def _expand_home(arg: str) -> str:
-    if arg == "~" or arg.startswith("~/"):
-        return os.path.expanduser(arg)
-    option, sep, value = arg.partition("=")
-    if sep and option.startswith("-") and (value == "~" or value.startswith("~/")):
-        return f"{option}={os.path.expanduser(value)}"
-    return arg
+def launch_prefix() -> list[str]:
+    """argv that runs `ikv` from this installed infinitekv, isolated from the current directory and environment."""
+    return [sys.executable, "-I", "-c", _LAUNCHER, str(Path(__file__).resolve().parent)]
 
 
-def rerun_argv(command: list[str], receipt_path) -> list[str]:
-    """The argv that reruns a recorded command, writing its receipt to `receipt_path` instead of the original's."""
+# Options of `ikv run` / `ikv bench ...` that name a path: written (confined to the rerun's fresh directory) or read.
+_WRITES = ("archive", "receipt", "heatmap")
+_READS = ("prompt_file", "model")
+
+
+@dataclass
+class RerunPlan:
+    """What `--rerun` will execute: `argv` (shown to the user as `shown`) in the fresh directory `workdir`."""
+
+    argv: list[str]
+    shown: list[str]
+    workdir: Path
+    receipt: Path  # where the rerun's receipt appears
+    notes: list[str] = field(default_factory=list)  # each rewrite made to keep the command inside workdir
+    links: dict[str, Path] = field(default_factory=dict)  # workdir-relative name -> input it points at
+
+
+def _safe_relative(value: str) -> bool:
+    parts = Path(value).parts
+    return bool(value) and not Path(value).is_absolute() and not value.startswith("~") and ".." not in parts \
+        and "\0" not in value
+
+
+def _click():
+    """The click that typer runs on (recent typer versions carry their own copy)."""
+    import typer.core
+
+    return getattr(typer.core, "_click", None) or typer.core.click
+
+
+def _takes_path(param) -> bool:
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return annotation is Path or type(getattr(param, "type", None)).__name__ == "Path"
+
+
+def _parsed(args: list[str]):
+    """Parse `args` with the real `ikv` command line (nothing runs): (click command, context) or IKVError."""
+    import typer
+
+    from infinitekv import cli
+
+    click = _click()
+
+    if any(arg in ("--help", "-h") for arg in args):
+        raise IKVError("it asks for --help, which is not a run or a bench")
+    group = typer.main.get_command(cli.app)
+    if not args or args[0] not in ("run", "bench"):
+        raise IKVError(f"only `ikv run` and `ikv bench ...` commands are rerun; this receipt records "
+                       f"`ikv {' '.join(args[:2])}`")
+    name, rest, command = args[0], args[1:], group.get_command(None, args[0])
+    if name == "bench":
+        if not rest or command.get_command(None, rest[0]) is None:
+            raise IKVError(f"`ikv bench {rest[0] if rest else ''}` is not a bench this infinitekv has")
+        name, command, rest = f"bench {rest[0]}", command.get_command(None, rest[0]), rest[1:]
+    try:
+        return command, command.make_context(name, list(rest))
+    except click.exceptions.ClickException as err:
+        raise IKVError(f"`ikv {name}` refuses its arguments: {err.format_message()}") from None
+    except click.exceptions.Exit:
+        raise IKVError(f"`ikv {name}` would exit before running") from None
+
+
+def plan_rerun(command: list[str], workdir: Path) -> RerunPlan:
+    """The argv that reruns a recorded command safely, or IKVError saying why it will not be run.
+
+    Only `ikv run` and `ikv bench ...` are rerun, never a --resume (it would continue an existing archive). The
+    command's arguments are parsed by the real command line first, so an option this plan does not know can not
+    slip through. Paths it writes are kept inside `workdir` (a relative path as is, anything else renamed there);
+    paths it reads are reached from there through symbolic links, so receipts record the same relative names.
+    """
     if not command or command[0] != "ikv":
         raise IKVError(f"only ikv commands can be rerun; this receipt records {command[:1]!r}")
-    args, skip = [], False
-    for arg in command[1:]:
-        if skip:
-            skip = False
-        elif arg == "--receipt":
-            skip = True
-        elif not arg.startswith("--receipt="):
-            args.append(_expand_home(arg))
-    return [*_IKV, *args, "--receipt", str(receipt_path)]
+    args = list(command[1:])
+    click_command, ctx = _parsed(args)
+    if ctx.params.get("resume"):
+        raise IKVError("it is a --resume, which continues (and writes to) an existing archive; rerun the receipt of "
+                       "the run that created the archive instead")
+    by_flag = {}
+    for param in click_command.params:
+        if getattr(param, "param_type_name", None) == "option":
+            for flag in param.opts:
+                by_flag[flag] = param.name
+            if _takes_path(param) and param.name not in _WRITES + _READS:
+                if ctx.get_parameter_source(param.name) == _click().core.ParameterSource.COMMANDLINE:
+                    raise IKVError(f"its option {param.opts[0]} names a path this infinitekv cannot tell is safe to "
+                                   "rerun")
+    plan = RerunPlan([], [], workdir, workdir / "receipt.json")
+    out, i, taken = [], 0, 0
+    sub = args[:2] if args[0] == "bench" else args[:1]
+    i = len(sub)
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        name = by_flag.get(flag) if flag.startswith("--") else None
+        if name not in _WRITES + _READS:
+            out.append(arg)
+            i += 1
+            continue
+        if not eq:
+            value, i = args[i + 1], i + 1
+        i += 1
+        if name == "receipt":
+            if _safe_relative(value):
+                plan.receipt = workdir / value
+            continue  # the rerun's own --receipt is appended below
+        if name in _WRITES:
+            if not _safe_relative(value):
+                taken += 1
+                plan.notes.append(f"{flag} {value} is written as {flag} out-{taken} inside the rerun directory")
+                value = f"out-{taken}"
+        else:
+            value = _reachable_input(name, value, plan)
+        out += [flag, value]
+    receipt_name = plan.receipt.relative_to(workdir).as_posix()
+    plan.shown = ["ikv", *sub, *out, "--receipt", receipt_name]
+    plan.argv = [*launch_prefix(), *plan.shown[1:]]
+    return plan
+
+
+def _reachable_input(name: str, value: str, plan: RerunPlan) -> str:
+    """An input path as the rerun (running in plan.workdir) reaches it: the same relative name through a link."""
+    expanded = os.path.expanduser(value)
+    if name == "model" and not os.path.exists(expanded):
+        return value  # a hub id or the built-in default, not a path
+    absolute = Path(os.path.abspath(expanded))
+    if _safe_relative(value):
+        plan.links[value] = absolute
+        return value
+    return str(absolute)
 
 
 def _check_input_files(receipt: dict) -> list[Check]:
@@ -731,7 +1081,7 @@ def _check_input_files(receipt: dict) -> list[Check]:
     for name, entry in receipt["inputs"].items():
         if not entry.get("path"):
             continue
-        path = Path(_expand_home(entry["path"]))
+        path = Path(os.path.expanduser(entry["path"]))
         where = f"inputs.{name}"
         if not path.is_file():
             failing.append(Check(f"{where}.path", "exact", False, entry["path"], None,
@@ -742,24 +1092,69 @@ def _check_input_files(receipt: dict) -> list[Check]:
     return failing
 
 
-def rerun_receipt(path, *, timeout_s: float | None = None) -> RerunReport:
-    """Run the recorded command again (in the current directory) and compare its receipt with the recorded one."""
+def _run_confined(plan: RerunPlan, timeout_s: float | None) -> subprocess.CompletedProcess | None:
+    """Run the plan in its own process group, so a timeout (or Ctrl-C) ends the command and everything it
+    started; None on timeout."""
+    try:
+        for name, target in plan.links.items():
+            link = plan.workdir / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target)
+        plan.receipt.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # two recorded paths that cannot both be laid out (a file where a directory must go)
+        raise IKVError(f"its paths cannot be laid out in the rerun directory ({err.strerror or err})") from None
+    env = {**os.environ, "TMPDIR": str(plan.workdir)}  # temporary files of the command land in workdir too
+    proc = subprocess.Popen(plan.argv, cwd=plan.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(plan.argv, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+def rerun_receipt(path, *, timeout_s: float | None = None, confirm=None) -> RerunReport:
+    """Run the recorded command again in a fresh temporary directory and compare its receipt with the recorded one.
+
+    `confirm(plan) -> bool` is asked before anything runs (the CLI shows the argv and asks, unless --yes); a plan
+    that is refused, or a receipt whose command is not safe to rerun, gives a report saying why.
+    """
     shown = str(path)
     verdict = verify_receipt(path)
     if not verdict.ok:
         return RerunReport(shown, False, f"not rerun: the receipt fails verification: {verdict.message}")
-    old = json.loads(Path(path).read_text(encoding="utf-8"))
+    old = json.loads(_read_bounded(path).decode("utf-8"))
     missing = _check_input_files(old)
     if missing:
         return RerunReport(shown, False, f"not rerun: {missing[0].field}: {missing[0].note}", missing)
     with tempfile.TemporaryDirectory(prefix="ikv-rerun-") as tmp:
-        new_path = Path(tmp) / "receipt.json"
-        argv = rerun_argv(old["command"], new_path)
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return RerunReport(shown, False, f"the command did not finish within {timeout_s:g} s")
-        if not new_path.exists():
+            plan = plan_rerun(old["command"], Path(tmp))
+        except IKVError as err:
+            return RerunReport(shown, False, f"not rerun: {err}")
+        if confirm is not None and not confirm(plan):
+            return RerunReport(shown, False, "not rerun: declined")
+        try:
+            done = _run_confined(plan, timeout_s)
+        except IKVError as err:
+            return RerunReport(shown, False, f"not rerun: {err}")
+        if done is None:
+            return RerunReport(shown, False, f"the command did not finish within {timeout_s:g} s (it and every "
+                               "process it started were killed)")
+        new_path = plan.receipt
+        if not new_path.is_file():
             lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
             return RerunReport(shown, False, f"the command exited {done.returncode} without writing a receipt: {lines[-1]}")
         new_verdict = verify_receipt(new_path)
@@ -776,3 +1171,7 @@ def rerun_receipt(path, *, timeout_s: float | None = None) -> RerunReport:
     if done.returncode != 0:
         message += f" (the command exited {done.returncode})"
     return RerunReport(shown, not failed, message, checks)
+
+
+def shown_command(plan: RerunPlan) -> str:
+    return shlex.join(plan.shown)

@@ -6,8 +6,10 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,50 +232,231 @@ def test_time_units(unit, is_time):
     assert receipts.is_time_unit(unit) is is_time
 
 
-def test_rerun_argv_replaces_the_receipt_path_and_refuses_other_programs(monkeypatch):
-    monkeypatch.setenv("HOME", "/home/alice")
-    argv = receipts.rerun_argv(["ikv", "run", "--receipt", "receipts/run.json", "--prompt-file", "~/h.txt",
-                                "--receipt=x.json", "--archive=~/arch"], "/tmp/new.json")
-    assert argv == [sys.executable, "-m", "infinitekv", "run", "--prompt-file", "/home/alice/h.txt",
-                    "--archive=/home/alice/arch", "--receipt", "/tmp/new.json"]
-    with pytest.raises(receipts.IKVError, match="only ikv commands"):
-        receipts.rerun_argv(["rm", "-rf", "/"], "/tmp/new.json")
+def test_rerun_plan_confines_writes_links_inputs_and_replaces_the_receipt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    plan = receipts.plan_rerun(["ikv", "run", "--receipt", "receipts/run.json", "--prompt-file", "h.txt",
+                                "--archive=/var/elsewhere/arch", "--question", "q"], work)
+    assert plan.shown == ["ikv", "run", "--prompt-file", "h.txt", "--archive", "out-1", "--question", "q",
+                          "--receipt", "receipts/run.json"]
+    assert plan.receipt == work / "receipts" / "run.json"
+    assert plan.links == {"h.txt": tmp_path / "h.txt"}
+    assert plan.notes and "/var/elsewhere/arch" in plan.notes[0]
+    assert plan.argv[:3] == [sys.executable, "-I", "-c"] and plan.argv[-len(plan.shown) + 1:] == plan.shown[1:]
+
+
+@pytest.mark.parametrize("command, why", [
+    (["ikv", "verify", "--rerun", "self.json", "--"], "only `ikv run` and `ikv bench"),
+    (["ikv", "archive", "unpack", "a.zst", "/tmp/x"], "only `ikv run` and `ikv bench"),
+    (["ikv", "haystack", "--out", "/etc/motd"], "only `ikv run` and `ikv bench"),
+    (["ikv", "run", "--resume", "--archive", "mem", "--question", "q"], "--resume"),
+    (["ikv", "run", "--no-such-option", "1"], "refuses its arguments"),
+    (["ikv", "run", "--question", "q", "extra-positional"], "refuses its arguments"),
+    (["ikv", "run", "--help"], "--help"),
+    (["ikv", "bench", "no-such-bench"], "not a bench"),
+    (["rm", "-rf", "/"], "only ikv commands"),
+])
+def test_rerun_refuses_commands_that_are_not_a_fresh_run_or_bench(tmp_path, command, why):
+    with pytest.raises(receipts.IKVError, match=re.escape(why)):
+        receipts.plan_rerun(command, tmp_path)
+
+
+def test_rerun_launch_never_imports_from_the_current_directory_or_pythonpath(tmp_path):
+    """A numpy.py or infinitekv/ in a downloaded results folder must not run when its receipt is rerun."""
+    evil = tmp_path / "results"
+    (evil / "infinitekv").mkdir(parents=True)
+    payload = f"open({str(tmp_path / 'pwned')!r}, 'w').write('ran')\n"
+    for name in ("numpy.py", "typer.py", "infinitekv/__init__.py", "infinitekv/cli.py"):
+        (evil / name).write_text(payload)
+    done = subprocess.run([*receipts.launch_prefix(), "run", "--help"], cwd=evil, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(evil)})
+    assert done.returncode == 0, done.stderr
+    assert "--prompt-file" in done.stdout
+    assert not (tmp_path / "pwned").exists()
 
 
 FAKE_IKV = """
-import json, sys
+import json, os, sys
 from pathlib import Path
+sys.path.insert(0, os.environ["IKV_TEST_REPO"])
 from infinitekv.receipts import content_sha256
-Path("argv.json").write_text(json.dumps(sys.argv[1:]))
-receipt = json.loads(Path("original.json").read_text())
+args = sys.argv[1:]
+Path(os.environ["IKV_TEST_LOG"]).write_text(json.dumps({"argv": args, "cwd": os.getcwd(),
+                                                        "haystack": Path("haystack.txt").read_text()}))
+receipt = json.loads(Path(os.environ["IKV_TEST_ORIGINAL"]).read_text())
 receipt["metrics"]["decode_ms_per_token"]["value"] *= 2
-receipt["command"] = ["ikv", *sys.argv[1:]]
 receipt["receipt_sha256"] = content_sha256(receipt)
-Path(sys.argv[-1]).write_text(json.dumps(receipt))
+Path(args[-1]).parent.mkdir(parents=True, exist_ok=True)
+Path(args[-1]).write_text(json.dumps(receipt))
 """
 
 
-def test_rerun_runs_the_recorded_command_and_compares(tmp_path, monkeypatch, fast_environment):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "fake_ikv.py").write_text(FAKE_IKV)
-    monkeypatch.setattr(receipts, "_IKV", [sys.executable, str(tmp_path / "fake_ikv.py")])
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    (tmp_path / "haystack.txt").write_text("needle")
-    receipt = make_receipt(command=["ikv", "run", "--prompt-file", "haystack.txt", "--receipt", "original.json"],
+def fake_launcher(monkeypatch, tmp_path, script: str) -> Path:
+    (tmp_path / "fake_ikv.py").write_text(script)
+    monkeypatch.setattr(receipts, "launch_prefix", lambda: [sys.executable, str(tmp_path / "fake_ikv.py")])
+    monkeypatch.setenv("IKV_TEST_REPO", str(REPO))
+    monkeypatch.setenv("IKV_TEST_LOG", str(tmp_path / "log.json"))
+    return tmp_path / "log.json"
+
+
+def test_rerun_runs_the_recorded_command_in_a_fresh_directory_and_compares(tmp_path, monkeypatch, fast_environment):
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    log = fake_launcher(monkeypatch, tmp_path, FAKE_IKV)
+    monkeypatch.setenv("IKV_TEST_ORIGINAL", str(user / "original.json"))
+    (user / "haystack.txt").write_text("needle")
+    receipt = make_receipt(command=["ikv", "run", "--prompt-file", "haystack.txt", "--question", "q", "--archive",
+                                    "/tmp/somewhere", "--receipt", "original.json"],
                            inputs={"prompt_file": file_input("haystack.txt")})
     write_receipt(receipt, "original.json")
-    report = receipts.rerun_receipt("original.json", timeout_s=60)
+    before = sorted(p.name for p in user.iterdir())
+    seen = []
+    report = receipts.rerun_receipt("original.json", timeout_s=60, confirm=lambda plan: seen.append(plan) or True)
     assert report.ok, report.lines()
-    assert json.loads((tmp_path / "argv.json").read_text())[:3] == ["run", "--prompt-file", "haystack.txt"]
+    ran = json.loads(log.read_text())
+    assert ran["argv"] == ["run", "--prompt-file", "haystack.txt", "--question", "q", "--archive", "out-1",
+                           "--receipt", "original.json"]
+    assert Path(ran["cwd"]).name.startswith("ikv-rerun-") and not Path(ran["cwd"]).exists()  # fresh, then removed
+    assert ran["haystack"] == "needle" and seen[0].shown[0] == "ikv"
     assert any("ratio" in line and "x2 new/old" in line for line in report.lines())
-    assert verify_receipt("original.json").ok  # the rerun wrote elsewhere
+    assert sorted(p.name for p in user.iterdir()) == before and verify_receipt("original.json").ok
 
-    (tmp_path / "haystack.txt").write_text("a different haystack")
+    log.unlink()
+    assert receipts.rerun_receipt("original.json", confirm=lambda plan: False).message == "not rerun: declined"
+    assert not log.exists()
+    (user / "haystack.txt").write_text("a different haystack")
     report = receipts.rerun_receipt("original.json")
     assert not report.ok and report.message.startswith("not rerun: inputs.prompt_file.sha256")
 
 
+FORKING_IKV = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+open(os.environ["IKV_TEST_LOG"], "w").write(str(child.pid))
+time.sleep(300)
+"""
+
+
+def test_rerun_timeout_kills_the_command_and_everything_it_started(tmp_path, monkeypatch, fast_environment):
+    monkeypatch.chdir(tmp_path)
+    log = fake_launcher(monkeypatch, tmp_path, FORKING_IKV)
+    write_receipt(make_receipt(command=["ikv", "bench", "weights"]), "r.json")
+    report = receipts.rerun_receipt("r.json", timeout_s=5)
+    assert not report.ok and "did not finish within 5 s" in report.message
+    grandchild = int(log.read_text())
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process {grandchild} started by the rerun outlived its timeout")
+
+
+# ------------------------------------------------------------------------------------- signatures and provenance
+
+
+def test_signed_receipt_verifies_only_against_a_trusted_key(written, tmp_path):
+    key, public = receipts.generate_key(tmp_path / "keys" / "me")
+    other, other_public = receipts.generate_key(tmp_path / "keys" / "other")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    fingerprint = receipts.sign_receipt_file(written, key)
+    mine, theirs = receipts.load_trusted_keys([public]), receipts.load_trusted_keys([other_public])
+    verdict = verify_receipt(written, trusted=mine)
+    assert verdict.ok and verdict.signer == fingerprint
+    verdict = verify_receipt(written, trusted=theirs)
+    assert not verdict.ok and verdict.failing_field == "signature" and "not among the trusted keys" in verdict.message
+    # anyone can re-hash an edit; nobody without the key can re-sign it
+    rewrite(written, lambda r: r["outputs"].update(answer="The passkey is 11111."))
+    verdict = verify_receipt(written)
+    assert not verdict.ok and verdict.failing_field == "signature"
+
+
+def test_unsigned_receipt_fails_when_a_trusted_key_is_required(written, tmp_path):
+    _, public = receipts.generate_key(tmp_path / "k")
+    verdict = verify_receipt(written, trusted=receipts.load_trusted_keys([public]))
+    assert not verdict.ok and "missing" in verdict.message
+
+
+def test_keygen_never_overwrites_and_bad_key_files_are_one_line(tmp_path):
+    receipts.generate_key(tmp_path / "k")
+    with pytest.raises(receipts.IKVError, match="already exists"):
+        receipts.generate_key(tmp_path / "k")
+    (tmp_path / "junk.pub").write_text("not a key\n")
+    with pytest.raises(receipts.IKVError, match="not a public key file"):
+        receipts.load_trusted_keys([tmp_path / "junk.pub"])
+
+
+@pytest.mark.parametrize("change, warning", [
+    ({"git_dirty": True, "git_commit": "0" * 12}, "uncommitted changes"),
+    ({"git_commit": "0123456789ab", "git_dirty": False}, "not in this checkout's history"),
+    ({"git_commit": None}, "records no git commit"),
+    ({"infinitekv": "0.0.1"}, "made by infinitekv 0.0.1"),
+])
+def test_provenance_doubts_are_warnings_and_failures_under_strict(written, change, warning):
+    rewrite(written, lambda r: r["environment"].update(change))
+    verdict = verify_receipt(written)
+    assert verdict.ok and any(warning in w for w in verdict.warnings), verdict.warnings
+    strict = verify_receipt(written, strict=True)
+    assert not strict.ok and strict.failing_field == "provenance"
+
+
+def test_receipt_made_at_this_checkouts_head_on_a_clean_tree_has_no_provenance_warning(written):
+    commit, dirty = receipts._git_state()
+    if commit is None:
+        pytest.skip("infinitekv is not imported from a git checkout")
+    rewrite(written, lambda r: r["environment"].update(git_commit=commit, git_dirty=False))
+    assert verify_receipt(written, strict=True).ok
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+
+@pytest.mark.parametrize("content, why", [
+    ("[" * 100000 + "]" * 100000, "nested deeper"),
+    ('{"a":' * 200 + "1" + "}" * 200, "nested deeper"),
+    ("1" * 5000, "not a receipt"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_hostile_receipt_files_fail_with_one_reason(tmp_path, content, why):
+    path = tmp_path / "hostile.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    verdict = verify_receipt(path)
+    assert not verdict.ok and why in verdict.message, verdict.message
+
+
+def test_oversized_and_non_regular_receipts_are_refused_without_reading_them(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as out:
+        out.truncate(receipts.MAX_RECEIPT_BYTES + 1)
+    assert "larger than" in verify_receipt(big).message
+    assert "not a regular file" in verify_receipt(tmp_path).message
+    assert "not a regular file" in verify_receipt("/dev/zero").message
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    assert "not a regular file" in verify_receipt(fifo).message  # and it did not hang
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
+
+
+def ikv_here(monkeypatch, *args) -> subprocess.CompletedProcess:
+    """`ikv ARGS` in this process, through the same main() the command runs."""
+    import contextlib
+    import io
+
+    from infinitekv import cli
+
+    monkeypatch.setattr(sys, "argv", ["ikv", *map(str, args)])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main()
+        except SystemExit as done:
+            code = done.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def ikv_verify(*args: str) -> subprocess.CompletedProcess:
@@ -286,12 +469,47 @@ def test_ikv_verify_exit_codes(written, tmp_path):
     tampered.write_text(written.read_text().replace("41.7", "41.8"))
     done = ikv_verify(str(written), str(tampered))
     assert done.returncode == 1, done.stderr
-    assert done.stdout.splitlines() == [
+    lines = [line for line in done.stdout.splitlines() if not line.startswith("  warning: ")]
+    assert lines == [
         f"OK  {written}",
         f"FAIL {tampered}: receipt_sha256: " + verify_receipt(tampered).message.split(": ", 1)[1],
     ]
     done = ikv_verify(str(written))
-    assert done.returncode == 0 and done.stdout == f"OK  {written}\n", done.stderr
+    assert done.returncode == 0 and done.stdout.splitlines()[0] == f"OK  {written}", done.stderr
+    assert "  warning: records no git commit" in done.stdout  # the fake environment has none
+
+
+def test_ikv_verify_keeps_checking_after_a_hostile_file_and_strict_fails_on_provenance(written, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200000)
+    done = ikv_verify(str(deep), str(written))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stdout.splitlines()[0].startswith(f"FAIL {deep}: ") and f"OK  {written}" in done.stdout
+    done = ikv_verify("--strict", str(written))
+    assert done.returncode == 1 and f"FAIL {written}: provenance: " in done.stdout
+
+
+def test_ikv_verify_rerun_asks_unless_yes_and_never_reruns_itself(written, tmp_path, monkeypatch):
+    ikv_verify = lambda *a: ikv_here(monkeypatch, "verify", *a)  # noqa: E731
+    done = ikv_verify("--rerun", str(written))  # stdin is not a terminal here
+    assert done.returncode == 2 and done.stderr.count("ikv: error:") == 1 and "--yes" in done.stderr
+    rewrite(written, lambda r: r.update(command=["ikv", "verify", "--rerun", "--yes", str(written), "--"]))
+    done = ikv_verify("--rerun", "--yes", "--timeout", "60", str(written))
+    assert done.returncode == 1, done.stderr
+    assert "not rerun: only `ikv run` and `ikv bench ...` commands are rerun" in done.stdout
+
+
+def test_ikv_keygen_sign_and_verify_trust(written, tmp_path, monkeypatch):
+    run = lambda *a: ikv_here(monkeypatch, *a)  # noqa: E731
+    ikv_verify = lambda *a: ikv_here(monkeypatch, "verify", *a)  # noqa: E731
+    assert run("keygen", str(tmp_path / "me")).returncode == 0
+    done = run("keygen", str(tmp_path / "me"))
+    assert done.returncode == 2 and "already exists" in done.stderr and "Traceback" not in done.stderr
+    assert run("sign", "--key", str(tmp_path / "me"), str(written)).returncode == 0
+    done = ikv_verify("--trust", str(tmp_path / "me.pub"), str(written))
+    assert done.returncode == 0 and "signed by ed25519:" in verify_receipt(written).message
+    done = ikv_verify("--trust", str(tmp_path / "nope.pub"), str(written))
+    assert done.returncode == 2 and "cannot read trusted key file" in done.stderr
 
 
 def test_every_receipt_in_the_repository_verifies():
@@ -321,3 +539,27 @@ def test_a_published_receipt_with_one_metric_digit_changed_fails_verify(tmp_path
     done = ikv_verify(str(copy))
     assert done.returncode == 1
     assert "receipt_sha256" in done.stdout
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("name", ["weights.json"])  # the published receipts cheap enough to rerun on every CI run
+def test_cheap_published_receipt_reproduces_at_head(name):
+    """CI reruns the cheap published receipts with the code at HEAD, through the same safe rerun a user gets."""
+    path = REPO / "receipts" / name
+    if not path.exists():
+        pytest.skip(f"receipts/{name} is not published")
+    done = subprocess.run([sys.executable, "-m", "infinitekv", "verify", "--rerun", "--yes", "--timeout", "1200",
+                           str(path)], cwd=REPO, capture_output=True, text=True, timeout=1300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"REPRODUCED {path}"), done.stdout
+
+
+def test_rerun_whose_recorded_paths_collide_is_refused_in_one_line(tmp_path, monkeypatch, fast_environment):
+    monkeypatch.chdir(tmp_path)
+    fake_launcher(monkeypatch, tmp_path, "raise SystemExit('must not run')")
+    (tmp_path / "a").write_text("x")  # --model a is a file, so a/b.txt cannot be laid out beside it
+    write_receipt(make_receipt(command=["ikv", "run", "--model", "a", "--prompt-file", "a/b.txt"]), "r.json")
+    monkeypatch.setattr(receipts, "_check_input_files", lambda receipt: [])
+    report = receipts.rerun_receipt("r.json", timeout_s=30)
+    assert not report.ok and report.message.startswith("not rerun: its paths cannot be laid out"), report.message
