@@ -16,7 +16,7 @@ from infinitekv.engine import enable
 from infinitekv.errors import IKVError
 
 CONFIG = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=32, top_k_cold=8, shortlist=32,
-                         true_positions_up_to=200)  # the read crosses from true positions to compact ones
+                         dense_up_to=200)  # the read crosses from exact attention to retrieval
 
 
 class Killed(Exception):

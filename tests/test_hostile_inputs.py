@@ -330,7 +330,8 @@ def long_prompt(tmp_path_factory, tiny_model_dir):
     words = (REPO / "README.md").read_text().split()
     path.write_text(" ".join(words[i % len(words)] for i in range(1500)))
     args = ["--model", tiny_model_dir, "--prompt-file", path, "--question", "Who?", "--chunk-size", "32",
-            "--hot-window", "64", "--max-new-tokens", "6", "--checkpoint-every", "4"]
+            "--hot-window", "64", "--max-new-tokens", "6", "--checkpoint-every", "4",
+            "--dense-up-to", "0"]  # retrieval throughout: a resume inside the exact span decodes int8/4-bit records
     done = subprocess.run([sys.executable, "-m", "infinitekv", "run", "--mode", "ram", *map(str, args),
                            "--receipt", path.parent / "whole.json"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
