@@ -195,26 +195,6 @@ def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 819
             "outputs": {"rows": rows}, "metrics": metrics}
 
 
-class _ColdPrefix:
-    """The first n cold tokens of one layer's records, seen through the archive's read interface."""
-
-    def __init__(self, records: np.ndarray, head_dim: int, n: int):
-        from infinitekv import codec
-
-        self._records = records[:n]
-        self._signatures = codec.signatures_from_records(self._records, head_dim)
-        self._weights = codec.key_mean_abs(self._records, head_dim).astype(np.float16)
-
-    def signatures(self, layer):
-        return self._signatures
-
-    def key_weights(self, layer):
-        return self._weights
-
-    def records(self, layer):
-        return self._records
-
-
 def _capture_qk(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Pre-RoPE queries [Hq, L, D] and keys [Hk, L, D] of every layer, from one pass of the unmodified model."""
     from infinitekv.attention import project_chunk
@@ -246,7 +226,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
     Retrieval is measured at every length, also inside `dense_up_to` where the engine itself attends exactly."""
     from infinitekv import codec
     from infinitekv.attention import Rope, select_blocks, select_cold, selection_queries
-    from infinitekv.coverage import covered_mass
+    from infinitekv.coverage import ColdRecords, covered_mass
 
     model, tokenizer = loaded.model, loaded.tokenizer
     n_layers = model.config.num_hidden_layers
@@ -278,7 +258,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
                     retrieved = min(config.top_k_cold, n_cold)
                     q_block = q_pre[:, first : t + 1]  # [Hq, C, D]
                     q_grouped = selection_queries(q_block, w + (retrieved + 1) // 2, rope, n_kv)
-                    picked = select_cold(_ColdPrefix(records, head_dim, n_cold), layer, q_grouped,
+                    picked = select_cold(ColdRecords(records[:n_cold], head_dim), layer, q_grouped,
                                          select_blocks(q_block.shape[1], block), config, rotation, retrieved)
                     q_last = rope.rotate(q_pre[:, t : t + 1], int(t))[:, 0]  # [Hq, D]: the block's last query
                     logits = (q_last.view(n_kv, -1, head_dim) @ keys_roped[:, : t + 1].transpose(1, 2)).numpy()

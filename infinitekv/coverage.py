@@ -19,6 +19,27 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class ColdRecords:
+    """Cold records held in memory, seen through the archive's read interface (what `attention.select_cold`
+    reads): records [N, H, record_bytes] and the signatures and weights derived from them."""
+
+    def __init__(self, records: np.ndarray, head_dim: int):
+        from infinitekv import codec
+
+        self._records = records
+        self._signatures = codec.signatures_from_records(records, head_dim)
+        self._weights = codec.key_mean_abs(records, head_dim).astype(np.float16)
+
+    def signatures(self, layer):
+        return self._signatures
+
+    def key_weights(self, layer):
+        return self._weights
+
+    def records(self, layer):
+        return self._records
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)

@@ -8,22 +8,7 @@ import torch.nn.functional as F
 
 from infinitekv import codec
 from infinitekv.attention import RetrievalConfig, attend_with_retrieved, select_blocks, select_cold
-
-
-class _Cold:
-    def __init__(self, records, head_dim):
-        self._records = records
-        self._signatures = codec.signatures_from_records(records, head_dim)
-        self._weights = codec.key_mean_abs(records, head_dim).astype(np.float16)
-
-    def signatures(self, layer):
-        return self._signatures
-
-    def key_weights(self, layer):
-        return self._weights
-
-    def records(self, layer):
-        return self._records
+from infinitekv.coverage import ColdRecords
 
 
 def test_queries_of_one_block_each_get_their_own_best_cold_tokens():
@@ -41,7 +26,7 @@ def test_queries_of_one_block_each_get_their_own_best_cold_tokens():
     queries[0, 0, 0, 0] = 1.0
     queries[0, 1, 0, 1] = 1.0
     config = RetrievalConfig(shortlist=n, select_block=2)
-    ids = select_cold(_Cold(records, d), 0, queries, select_blocks(2, 2), config, np.eye(d, dtype=np.float32), 1)
+    ids = select_cold(ColdRecords(records, d), 0, queries, select_blocks(2, 2), config, np.eye(d, dtype=np.float32), 1)
     assert ids.shape == (1, 2, 1)
     assert ids[0, 0, 0] == 17 and ids[0, 1, 0] == 150
 
