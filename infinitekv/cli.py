@@ -333,9 +333,9 @@ _INTERRUPT_REPORTED = False
 
 
 def _end_progress_line() -> None:
-    engine = sys.modules.get("infinitekv.engine")
-    if engine is not None and engine.progress_open():
-        print(file=sys.stderr, flush=True)
+    engine = sys.modules.get("infinitekv.engine")  # not imported yet: no progress line can be open
+    if engine is not None:
+        engine.end_progress_line()
 
 
 def main() -> None:

@@ -334,8 +334,12 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 _progress_open = False  # a progress line is on stderr without its newline (an error printed now starts a new line)
 
 
-def progress_open() -> bool:
-    return _progress_open
+def end_progress_line() -> None:
+    """Finish an open progress line on stderr, so what is printed next starts on a line of its own."""
+    global _progress_open
+    if _progress_open:
+        print(file=sys.stderr, flush=True)
+        _progress_open = False
 
 
 def print_progress(label: str, done: int, total: int, tokens: int) -> None:

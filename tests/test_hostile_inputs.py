@@ -147,7 +147,8 @@ def test_tiny_model_run_resume_and_read_only_resume(tiny_model_dir, tmp_path, mo
     code, _, err = ikv_here(monkeypatch, "run", "--archive", mem, "--resume", "--question", "more?", *common)
     assert code == 0, err
     receipt = json.loads((tmp_path / "r.json").read_text())
-    assert receipt["metrics"]["prefill_tokens"]["value"] < 20 and receipt["config"]["resume"] is True
+    # the new turn only (its length depends on how the first answer ended), not the 300-word document again
+    assert receipt["metrics"]["prefill_tokens"]["value"] < 40 and receipt["config"]["resume"] is True
 
 
 def test_failed_commit_prints_the_answer_before_saying_why_it_was_not_saved(tiny_model_dir, tmp_path, monkeypatch,
