@@ -151,13 +151,9 @@ def test_tiny_model_run_resume_and_read_only_resume(tiny_model_dir, tmp_path, mo
     assert receipt["metrics"]["prefill_tokens"]["value"] < 40 and receipt["config"]["resume"] is True
 
 
-def test_failed_commit_prints_the_answer_before_saying_why_it_was_not_saved(tiny_model_dir, tmp_path, monkeypatch,
-                                                                           capsys):
-    """The disk fills up as the turn is saved: the answer still reaches stdout, then one line says why it was not
-    saved and how to ask without saving."""
+def state_writes_fail_with_a_full_disk(monkeypatch):
+    """Every state-file write of the archive raises ENOSPC, as on a full disk; records still write."""
     import errno
-
-    from infinitekv import cli
 
     real = archive_module._write_file_durably
 
@@ -167,6 +163,15 @@ def test_failed_commit_prints_the_answer_before_saying_why_it_was_not_saved(tiny
         return real(path, data)
 
     monkeypatch.setattr(archive_module, "_write_file_durably", full_disk)
+
+
+def test_failed_commit_prints_the_answer_before_saying_why_it_was_not_saved(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """The disk fills up as the turn is saved: the answer still reaches stdout, then one line says why it was not
+    saved and how to ask without saving."""
+    from infinitekv import cli
+
+    state_writes_fail_with_a_full_disk(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["ikv", "run", "--archive", str(tmp_path / "mem"), "--prompt", "word " * 200,
                                       "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--hot-window", "64",
                                       "--chunk-size", "32", "--temperature", "1", "--seed", "1", "--checkpoint-every", "0",
@@ -370,16 +375,7 @@ def test_a_read_killed_midway_resumes_from_its_checkpoint_with_the_uninterrupted
 
 def test_a_failed_checkpoint_is_one_line_on_its_own_line_after_the_progress_bar(tiny_model_dir, tmp_path,
                                                                               monkeypatch):
-    import errno
-
-    real = archive_module._write_file_durably
-
-    def full_disk(path, data):
-        if path.name.startswith("state-"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
-
-    monkeypatch.setattr(archive_module, "_write_file_durably", full_disk)
+    state_writes_fail_with_a_full_disk(monkeypatch)
     code, _, err = ikv_here(monkeypatch, "run", "--archive", tmp_path / "mem", "--prompt", "word " * 300,
                             "--model", tiny_model_dir, "--chunk-size", "32", "--hot-window", "64",
                             "--checkpoint-every", "2")
