@@ -18,7 +18,7 @@ from infinitekv.corpus import english_text
 from infinitekv.engine import enable
 from infinitekv.models import LoadedModel, weights_sha256
 from infinitekv.needles import passkey
-from infinitekv.tasks import KINDS, make_case, score
+from infinitekv.tasks import KINDS, ROOM, make_case, score
 
 
 def gate_weights(loaded: LoadedModel, config: RetrievalConfig) -> dict:
@@ -159,8 +159,9 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
 
 def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 8192, 12288, 32768), kinds=KINDS,
                 cases: int = 1, seed: int = 0, unmodified_up_to: int | None = None) -> dict:
-    """The task suite (`tasks.py`) at each length: the engine, the engine with cold retrieval off (sinks + window),
-    and the unmodified model where the prompt fits its trained window. Scores are fractions of expected values."""
+    """The task suite (`tasks.py`) at each length (the whole conversation, answer included, fits it): the engine, the
+    engine with cold retrieval off (sinks + window), and the unmodified model where the prompt fits its trained
+    window. Scores are fractions of expected values."""
     from infinitekv.attention import trained_window
 
     unmodified_up_to = unmodified_up_to or trained_window(loaded.model.config)
@@ -169,7 +170,7 @@ def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 819
     for length in lengths:
         for kind in kinds:
             for index in range(cases):
-                case = make_case(loaded.tokenizer, kind, length, seed * 1000 + index)
+                case = make_case(loaded.tokenizer, kind, length - ROOM, seed * 1000 + index)
                 row = {"length": length, "kind": kind, "case": index, "question": case.question,
                        "answers": case.answers}
                 row["on"], row["tokens"], row["cold_tokens_per_step"] = _answer(loaded, case, config,

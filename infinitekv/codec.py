@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from infinitekv.threads import numba_threads_for
+
 
 def record_bytes(head_dim: int) -> int:
     """Bytes per (layer, kv-head, token) record: D key bytes + D/2 value bytes + 4 float16 scales."""
@@ -158,6 +160,7 @@ def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndar
     """
     n_heads, length = queries.shape[:2]
     out = np.empty((n_heads, length, shortlist.shape[2]), dtype=np.float32)
-    _score_shortlist(records, np.ascontiguousarray(shortlist), np.ascontiguousarray(queries, dtype=np.float32),
-                     np.ascontiguousarray(block_starts, dtype=np.int64), out)
+    with numba_threads_for(out.size * queries.shape[2] * queries.shape[3]):
+        _score_shortlist(records, np.ascontiguousarray(shortlist), np.ascontiguousarray(queries, dtype=np.float32),
+                         np.ascontiguousarray(block_starts, dtype=np.int64), out)
     return out

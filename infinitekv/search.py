@@ -45,11 +45,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from infinitekv.threads import numba_threads_for
+
 MODES = ("weighted", "hamming")
 BACKENDS = ("auto", "numpy", "numba", "faiss", "cuda")
 QUERY_BITS = 16  # qi = rint(q * 2**QUERY_BITS / max|q|)
 DENSE_RATIO = 32  # N <= 32 k: score every token, then one top-k (heaps would churn)
-SERIAL_CELLS = 1 << 17  # numba scans of fewer (query row, token) cells than this stay on one thread (~1 ms)
 CUDA_PASS_BYTES = 1 << 30  # scores and top-k keys held on the GPU at once
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -94,7 +95,8 @@ def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_s = np.empty((flat.shape[0], k), np.float32)
     out_i = np.empty((flat.shape[0], k), np.int64)
     if k:
-        _select_dense(flat, k, 0, out_s, out_i)
+        with numba_threads_for(flat.size):
+            _select_dense(flat, k, 0, out_s, out_i)
     return out_s.reshape(scores.shape[:-1] + (k,)), out_i.reshape(scores.shape[:-1] + (k,))
 
 
@@ -401,9 +403,7 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
         weights = np.zeros((1, 1), np.float32)
     elif weights.dtype == np.float16:
         weights = weights.view(np.uint16)  # widened per row inside the kernel: the index is never copied
-    if len(queries) * (n - start) < SERIAL_CELLS:
-        nb.set_num_threads(1)  # runs on the calling thread: waking the pool would cost more than the scan
-    try:
+    with numba_threads_for(len(queries) * (n - start)):  # a short scan: waking the pool costs more than it
         if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
             all_scores = np.empty((len(queries), n - start), np.float32)
             _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, all_scores)
@@ -412,8 +412,6 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
             _select_dense(all_scores, k, start, scores, ids)
             return scores, ids
         _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, cand_s, cand_i)
-    finally:
-        nb.set_num_threads(threads)
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     _merge_topk(cand_s.reshape(len(queries), -1), cand_i.reshape(len(queries), -1), scores, ids)

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 
 from infinitekv.corpus import english_text
 
+# tokens a case needs beside its document: the chat template, the planted facts, the question and the answer, so a
+# case at length n fits a context of n tokens (and an 8,192-token case fits a model trained on 8,192)
+ROOM = 256
+
 KINDS = ("keys_with_distractors", "multi_value", "multi_question", "sentence_fact", "two_step")
 
 _NAMES = ("Amara", "Bastian", "Corinne", "Dmitri", "Elif", "Farouk", "Greta", "Hiroshi", "Ingrid", "Jonas", "Keiko",

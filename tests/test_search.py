@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infinitekv import codec, search as S
+from infinitekv import codec, search as S, threads
 from infinitekv.search import search, search_many
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -100,7 +100,7 @@ def test_numba_all_scores_path_keeps_index_tie_break(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_numba_parallel_scan_equals_numpy(mode, monkeypatch):
-    monkeypatch.setattr(S, "SERIAL_CELLS", 0)
+    monkeypatch.setattr(threads, "SERIAL_CELLS", 0)
     sigs, weights, queries = random_archive(20000, seed=2, duplicates=True)
     assert_same(search(sigs, weights, queries, 64, mode=mode, backend="numba"),
                 search(sigs, weights, queries, 64, mode=mode, backend="numpy"))
