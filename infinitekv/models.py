@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from infinitekv import threads
 from infinitekv.errors import IKVError
 from infinitekv.receipts import sha256_file
 
@@ -179,6 +180,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     check_supported(model)
     model.to(device)
     model.eval()
+    threads.configure()  # the retrieval kernels (numba) and the model (torch) share the same cores
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, weights_sha256=weights_sha256(model))
 
 

@@ -4,14 +4,12 @@ while torch's threads were still spinning, microseconds on the calling thread).
 
 Policy: small numba work (a decode step's rerank and selection, a short scan) runs on the calling thread, where it
 costs less than waking a pool; large work (a prefill block's scan and rerank) uses numba's pool. `configure` gives
-torch and numba the same count, the cores this process may run on, unless the user chose (`torch.set_num_threads`,
-NUMBA_NUM_THREADS or OMP_NUM_THREADS in the environment).
+torch and numba the same count, torch's (OMP_NUM_THREADS or torch.set_num_threads choose it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numba as nb
 
@@ -32,21 +30,11 @@ def numba_threads_for(cells: int):
         nb.set_num_threads(threads)
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def configure(threads: int | None = None) -> int:
-    """Give torch and numba the same number of threads (default: the user's choice, else every available core)."""
+def configure() -> int:
+    """numba gets as many threads as torch uses (torch's default counts physical cores, numba's logical ones, and
+    hyperthreads only add contention here). Set torch.set_num_threads(n) first to choose n."""
     import torch
 
-    if threads is None:
-        chosen = os.environ.get("NUMBA_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        threads = int(chosen) if chosen and chosen.isdigit() else available_cores()
-    threads = max(1, min(threads, nb.config.NUMBA_NUM_THREADS))
-    torch.set_num_threads(threads)
+    threads = max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
     nb.set_num_threads(threads)
     return threads
