@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infinitekv.tasks import KINDS, Case, make_case, score
+from infinitekv.tasks import KINDS, ROOM, Case, make_case, score
 
 pytestmark = pytest.mark.smollm2
 
@@ -18,6 +18,15 @@ def test_every_kind_plants_its_answers_in_a_document_of_the_asked_length(smollm2
         assert answer in case.document
     assert score(case, " ".join(case.answers)) == 1.0
     assert score(case, " ".join(case.distractors)) == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_case_at_a_length_fits_that_context_with_its_question_and_answer(smollm2, kind):
+    length, answer_tokens = 2048, 48  # bench_tasks asks for 48 new tokens
+    case = make_case(smollm2.tokenizer, kind, length - ROOM, seed=5)
+    messages = [{"role": "user", "content": case.document + "\n\n" + case.question}]
+    prompt = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    assert len(prompt["input_ids"]) + answer_tokens <= length
 
 
 def test_cases_are_drawn_from_the_seed(smollm2):
