@@ -51,6 +51,7 @@ QUERY_BITS = 16  # qi = rint(q * 2**QUERY_BITS / max|q|)
 DENSE_RATIO = 32  # N <= 32 k: score every token, then one top-k (heaps would churn)
 SCORE_BLOCK = 1024  # tokens scored per pass of one query row: the block's signatures stay in L1/L2 across rows
 SERIAL_CELLS = 1 << 17  # numba scans of fewer (query row, token) cells than this stay on one thread (~1 ms)
+FAISS_SAMPLE = 1 << 16  # rows whose distances set the faiss range search's radius
 CUDA_PASS_BYTES = 1 << 30  # scores and top-k keys held on the GPU at once
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -445,30 +446,41 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
 # ---------------------------------------------------------------------------------------------------- faiss
 
 def _search_faiss(sigs, queries, k, start):
-    # queries: [Q, H, D] -> scores, ids [Q*H, k]. faiss breaks distance ties in no fixed order, so after its k-NN
-    # a range search collects every token at distance <= the k-th distance and the index tie-break picks among them.
+    # queries: [Q, H, D] -> scores, ids [Q*H, k]. faiss breaks distance ties in no fixed order, and its k-NN search
+    # for a few queries costs several times its range search, so there is no k-NN call: a range search collects
+    # every token within a radius that takes in about 2k tokens (the radius is read off the distances of a sample
+    # of rows), and the index tie-break is a sort of what it returns. A row that got fewer than k tokens is asked
+    # again with a wider radius, so the result is exact whatever the sample said.
     import faiss
 
     n_queries, n_heads, d = queries.shape
+    n_eff = sigs.shape[0] - start
     qbits = query_bits(queries)  # [Q, H, B]
+    sample = sigs[start :: max(1, n_eff // FAISS_SAMPLE)]  # evenly spaced rows
     scores = np.empty((n_queries, n_heads, k), np.float32)
     ids = np.empty((n_queries, n_heads, k), np.int64)
     for h in range(n_heads):
         index = faiss.IndexBinaryFlat(d)
         index.add(np.ascontiguousarray(sigs[start:, h]))
         xq = np.ascontiguousarray(qbits[:, h])
-        dist, _ = index.search(xq, k)
-        kth = dist[:, -1].astype(np.int64)
-        lims, r_dist, r_ids = index.range_search(xq, int(kth.max()) + 1)
-        row = np.repeat(np.arange(n_queries), np.diff(lims.astype(np.int64)))
-        r_dist = r_dist.astype(np.int64)
-        keep = r_dist <= kth[row]
-        row, r_dist, r_ids = row[keep], r_dist[keep], r_ids[keep].astype(np.int64)
-        order = np.lexsort((r_ids, r_dist, row))
-        first = np.searchsorted(row[order], np.arange(n_queries))
-        take = order[first[:, None] + np.arange(k)]
-        scores[:, h] = -r_dist[take].astype(np.float32)
-        ids[:, h] = r_ids[take] + start
+        sample_dist = _POPCOUNT[sample[None, :, h] ^ xq[:, None]].sum(axis=-1)  # [Q, m]
+        radius = np.quantile(sample_dist, min(1.0, 2 * k / n_eff), axis=1, method="higher").astype(np.int64)
+        pending = np.arange(n_queries)
+        while len(pending):
+            lims, r_dist, r_ids = index.range_search(xq[pending], int(radius[pending].max()) + 1)  # distance < arg
+            short = []
+            for j, row in enumerate(pending):
+                dist, found = r_dist[lims[j] : lims[j + 1]], r_ids[lims[j] : lims[j + 1]]
+                inside = dist <= radius[row]
+                if inside.sum() < k:
+                    short.append(row)
+                    continue
+                dist, found = dist[inside].astype(np.int64), found[inside].astype(np.int64)
+                order = np.lexsort((found, dist))[:k]  # distance, then token index
+                scores[row, h] = -dist[order].astype(np.float32)
+                ids[row, h] = found[order] + start
+            pending = np.array(short, np.int64)
+            radius[pending] += 2
     scores[scores == 0] = 0.0
     return scores.reshape(-1, k), ids.reshape(-1, k)
 
