@@ -25,9 +25,11 @@ Scores, higher is better (bit = 1 means the key code is negative, its sign s = 1
 Order: higher score first; equal scores -> lower token index first. Rows n < exclude_before are never returned;
 k' = min(k, N - exclude_before) (0 when exclude_before >= N); ids are rows of `signatures` (int64).
 
-Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (parallel over (row, chunk of N)
-tasks, a bounded heap per task, then a heap merge per row), "faiss" (hamming only: IndexBinaryFlat per head, then a
-range search that collects every token tied with the k-th to apply the index tie-break), "cuda" (csrc/ kernel,
+Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (one task per chunk of tokens
+that scores every query row, so each signature is read from memory once: scores of a 1024-token block per row, then a
+compare against each row's heap root, which almost every token fails; then a heap merge per row), "faiss" (hamming
+only: IndexBinaryFlat per head and one range search per row, at a radius sampled to take in ~2k tokens and widened
+when short, then the index tie-break; slower than numba, so never chosen by "auto"), "cuda" (csrc/ kernel,
 JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = numba: the
 cuda backend is opt-in (backend="cuda", or IKV_SEARCH_BACKEND=cuda) until it has been measured on a GPU, because it
 uploads the index on every call. The weighted LUTs are always built here in numpy, so every backend sums the same ints.
