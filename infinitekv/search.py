@@ -25,9 +25,11 @@ Scores, higher is better (bit = 1 means the key code is negative, its sign s = 1
 Order: higher score first; equal scores -> lower token index first. Rows n < exclude_before are never returned;
 k' = min(k, N - exclude_before) (0 when exclude_before >= N); ids are rows of `signatures` (int64).
 
-Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (parallel over (row, chunk of N)
-tasks, a bounded heap per task, then a heap merge per row), "faiss" (hamming only: IndexBinaryFlat per head, then a
-range search that collects every token tied with the k-th to apply the index tie-break), "cuda" (csrc/ kernel,
+Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (one task per chunk of tokens
+that scores every query row, so each signature is read from memory once: scores of a 1024-token block per row, then a
+compare against each row's heap root, which almost every token fails; then a heap merge per row), "faiss" (hamming
+only: IndexBinaryFlat per head and one range search per row, at a radius sampled to take in ~2k tokens and widened
+when short, then the index tie-break; slower than numba, so never chosen by "auto"), "cuda" (csrc/ kernel,
 JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = numba: the
 cuda backend is opt-in (backend="cuda", or IKV_SEARCH_BACKEND=cuda) until it has been measured on a GPU, because it
 uploads the index on every call. The weighted LUTs are always built here in numpy, so every backend sums the same ints.
@@ -51,6 +53,8 @@ MODES = ("weighted", "hamming")
 BACKENDS = ("auto", "numpy", "numba", "faiss", "cuda")
 QUERY_BITS = 16  # qi = rint(q * 2**QUERY_BITS / max|q|)
 DENSE_RATIO = 32  # N <= 32 k: score every token, then one top-k (heaps would churn)
+SCORE_BLOCK = 1024  # tokens scored per pass of one query row: the block's signatures stay in L1/L2 across rows
+FAISS_SAMPLE = 1 << 16  # rows whose distances set the faiss range search's radius
 CUDA_PASS_BYTES = 1 << 30  # scores and top-k keys held on the GPU at once
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -274,63 +278,82 @@ def _weight_as_float32_impl(w):
     return None
 
 
-@nb.njit(cache=True, inline="always")
-def _token_score(sigs, weights, lut, use_words, words, qwords, use_weights, i, h, g):
-    # one token's score for query row g (head h); the one definition every numba path shares
-    acc = 0
-    if use_words:
-        for j in range(qwords.shape[1]):
-            acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
-    else:
-        for b in range(sigs.shape[2]):
-            acc += lut[b, sigs[i, h, b]]
-    s = np.float32(acc)
-    if use_weights:
-        s = _weight_as_float32(weights[i, h]) * s
-    if s == 0:
-        s = np.float32(0.0)
-    return s
+@nb.njit(cache=True)
+def _score_block(sigs, words, weights, luts, qwords, kind, use_weights, lo, hi, out):
+    # scores of tokens [lo, hi) for every query row into out [G, >= hi - lo]; row g scores head g % H.
+    # kind 0: LUT on uint64 words (B % 8 == 0), 1: popcount on words (hamming), 2: LUT on bytes (any B).
+    # One row at a time over the block (the head and its LUT stay in registers and L1 for the whole pass; the
+    # caller keeps blocks small enough that the block's rows are still in L2 when the next head reads them).
+    n_heads = sigs.shape[1]
+    n_bytes = sigs.shape[2]
+    n_words = n_bytes // 8
+    mask = np.uint64(0xFF)
+    for g in range(out.shape[0]):
+        h = g % n_heads
+        lut = luts[g]
+        row = out[g]
+        for i in range(lo, hi):
+            acc = np.int64(0)
+            if kind == 0:
+                for j in range(n_words):
+                    w = words[i, h, j]
+                    base = j * 2048
+                    for b in range(8):
+                        acc += lut[base + 256 * b + np.intp((w >> np.uint64(8 * b)) & mask)]
+            elif kind == 1:
+                for j in range(n_words):
+                    acc -= _popcount64(words[i, h, j] ^ qwords[g, j])
+            else:
+                for b in range(n_bytes):
+                    acc += lut[256 * b + np.intp(sigs[i, h, b])]
+            s = np.float32(acc)
+            if use_weights:
+                s = _weight_as_float32(weights[i, h]) * s
+            row[i - lo] = s + np.float32(0.0)  # -0.0 + 0.0 = +0.0: equal scores get equal bits
+
+
+@nb.njit(cache=True)
+def _keep_best(scores, first, hs, hi, size):
+    # offer scores[j] (token first + j) to the heap (hs, hi) of current size; returns the new size. Tokens arrive
+    # in index order, so a score equal to the root loses the tie: only a strictly greater one can enter, and on
+    # random data almost none do, so this is a compare per token
+    k = hs.shape[0]
+    root = hs[0] if size == k else np.float32(-np.inf)
+    for j in range(scores.shape[0]):
+        s = scores[j]
+        if s > root:
+            size = _offer(hs, hi, size, s, first + j)
+            if size == k:
+                root = hs[0]
+    return size
 
 
 @nb.njit(parallel=True, cache=True)
-def _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, out_s, out_i):
-    # sigs: [N, H, B] uint8; weights: [N, H] float32, or uint16 holding float16 bits (widened per row here)
-    # luts: [G, B, 256] int32, row g scores head g % H
-    # use_words (hamming, B % 8 == 0) skips the LUT: popcount of words = sigs viewed [N, H, B/8] uint64 XOR
-    # qwords [G, B/8] uint64 (both unused dummies otherwise)
-    # out_s, out_i: [G, C, k] one heap per (row, chunk); unfilled slots keep (-inf, int64 max)
-    n, n_heads, _ = sigs.shape
-    n_rows, n_chunks, k = out_s.shape
-    for task in nb.prange(n_rows * n_chunks):
-        g = task // n_chunks
-        c = task - g * n_chunks
-        h = g % n_heads
-        lut = luts[g]
-        hs = out_s[g, c]
-        hi = out_i[g, c]
-        size = 0
-        for i in range(start + c * chunk, min(n, start + (c + 1) * chunk)):
-            s = _token_score(sigs, weights, lut, use_words, words, qwords, use_weights, i, h, g)
-            if size == k and s <= hs[0]:  # rows arrive in index order: a tie with the root is never better
-                continue
-            size = _offer(hs, hi, size, s, i)
+def _chunk_topk(sigs, words, weights, luts, qwords, kind, use_weights, start, chunk, out_s, out_i):
+    # one task per chunk of tokens, all query rows in it, so every signature byte is read from memory once:
+    # out_s, out_i: [C, G, k] one heap per (chunk, row); unfilled slots keep (-inf, int64 max)
+    n = sigs.shape[0]
+    n_chunks, n_rows, k = out_s.shape
+    for c in nb.prange(n_chunks):
+        buf = np.empty((n_rows, SCORE_BLOCK), np.float32)
+        sizes = np.zeros(n_rows, np.int64)
+        for lo in range(start + c * chunk, min(n, start + (c + 1) * chunk), SCORE_BLOCK):
+            hi = min(n, start + (c + 1) * chunk, lo + SCORE_BLOCK)
+            _score_block(sigs, words, weights, luts, qwords, kind, use_weights, lo, hi, buf)
+            for g in range(n_rows):
+                sizes[g] = _keep_best(buf[g, : hi - lo], lo, out_s[c, g], out_i[c, g], sizes[g])
 
 
 @nb.njit(parallel=True, cache=True)
-def _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, out):
-    # the same per-token arithmetic as _chunk_topk, but every score lands in out [G, N - start]; used when k is a
-    # large fraction of N, where heap upkeep would cost more than one vectorised top-k over all scores
-    n, n_heads, _ = sigs.shape
-    n_rows = out.shape[0]
-    block = 4096
-    n_blocks = (n - start + block - 1) // block
-    for task in nb.prange(n_rows * n_blocks):
-        g = task // n_blocks
-        c = task - g * n_blocks
-        h = g % n_heads
-        lut = luts[g]
-        for i in range(start + c * block, min(n, start + (c + 1) * block)):
-            out[g, i - start] = _token_score(sigs, weights, lut, use_words, words, qwords, use_weights, i, h, g)
+def _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, out):
+    # every score into out [G, N - start]; used when k is a large fraction of
+    # N, where heap upkeep would cost more than one partition over all scores
+    n = sigs.shape[0]
+    n_blocks = (n - start + SCORE_BLOCK - 1) // SCORE_BLOCK
+    for c in nb.prange(n_blocks):
+        lo = start + c * SCORE_BLOCK
+        hi = min(n, lo + SCORE_BLOCK)
+        _score_block(sigs, words, weights, luts, qwords, kind, use_weights, lo, hi, out[:, lo - start : hi - start])
 
 
 @nb.njit(parallel=True, cache=True)
@@ -386,65 +409,78 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
     # queries: [G, D], row g for head g % H -> scores, ids [G, k]; chunk: tokens per task (tests shorten it);
     # dense: force (True) or forbid (False) the all-scores path, None = choose by N / k
     n = sigs.shape[0]
-    luts = score_luts(queries, mode)
+    n_rows = len(queries)
+    luts = score_luts(queries, mode).reshape(n_rows, -1)
     threads = nb.get_num_threads()
     if chunk is None:
-        chunk = max(8192, 64 * k, -(-(n - start) // threads))  # long chunks: few heap inserts per token scored
+        chunk = max(8 * SCORE_BLOCK, -(-(n - start) // threads))  # one task per thread: few heaps to merge
     n_chunks = -(-(n - start) // chunk)
-    cand_s = np.full((len(queries), n_chunks, k), -np.inf, np.float32)
-    cand_i = np.full((len(queries), n_chunks, k), np.iinfo(np.int64).max, np.int64)
     use_weights = mode == "weighted"
-    use_words = mode == "hamming" and sigs.shape[2] % 8 == 0 and sigs.flags.aligned
-    if use_words:
-        words, qwords = sigs.view(np.uint64), query_bits(queries).view(np.uint64)
-    else:
-        words, qwords = np.zeros((1, 1, 1), np.uint64), np.zeros((1, 1), np.uint64)
+    words, qwords = np.zeros((1, 1, 1), np.uint64), np.zeros((1, 1), np.uint64)
+    kind = 2  # bytes: any B, or a signature array not aligned for uint64 reads
+    if sigs.shape[2] % 8 == 0 and sigs.flags.aligned:
+        words = sigs.view(np.uint64)
+        kind = 0 if use_weights else 1
+        if not use_weights:
+            qwords = query_bits(queries).view(np.uint64)
     if not use_weights:
         weights = np.zeros((1, 1), np.float32)
     elif weights.dtype == np.float16:
         weights = weights.view(np.uint16)  # widened per row inside the kernel: the index is never copied
-    with numba_threads_for(len(queries) * (n - start)):  # a short scan: waking the pool costs more than it
+    scores = np.empty((n_rows, k), np.float32)
+    ids = np.empty((n_rows, k), np.int64)
+    with numba_threads_for(n_rows * (n - start)):  # a short scan: waking the pool costs more than it saves
         if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
-            all_scores = np.empty((len(queries), n - start), np.float32)
-            _dense_scores(sigs, weights, luts, use_words, words, qwords, use_weights, start, all_scores)
-            scores = np.empty((len(queries), k), np.float32)
-            ids = np.empty((len(queries), k), np.int64)
+            all_scores = np.empty((n_rows, n - start), np.float32)
+            _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, all_scores)
             _select_dense(all_scores, k, start, scores, ids)
             return scores, ids
-        _chunk_topk(sigs, weights, luts, use_words, words, qwords, use_weights, start, chunk, cand_s, cand_i)
-    scores = np.empty((len(queries), k), np.float32)
-    ids = np.empty((len(queries), k), np.int64)
-    _merge_topk(cand_s.reshape(len(queries), -1), cand_i.reshape(len(queries), -1), scores, ids)
+        cand_s = np.full((n_chunks, n_rows, k), -np.inf, np.float32)
+        cand_i = np.full((n_chunks, n_rows, k), np.iinfo(np.int64).max, np.int64)
+        _chunk_topk(sigs, words, weights, luts, qwords, kind, use_weights, start, chunk, cand_s, cand_i)
+    _merge_topk(np.ascontiguousarray(cand_s.transpose(1, 0, 2)).reshape(n_rows, -1),
+                np.ascontiguousarray(cand_i.transpose(1, 0, 2)).reshape(n_rows, -1), scores, ids)
     return scores, ids
 
 
 # ---------------------------------------------------------------------------------------------------- faiss
 
 def _search_faiss(sigs, queries, k, start):
-    # queries: [Q, H, D] -> scores, ids [Q*H, k]. faiss breaks distance ties in no fixed order, so after its k-NN
-    # a range search collects every token at distance <= the k-th distance and the index tie-break picks among them.
+    # queries: [Q, H, D] -> scores, ids [Q*H, k]. faiss breaks distance ties in no fixed order, and its k-NN search
+    # for a few queries costs several times its range search, so there is no k-NN call: a range search collects
+    # every token within a radius that takes in about 2k tokens (the radius is read off the distances of a sample
+    # of rows), and the index tie-break is a sort of what it returns. A row that got fewer than k tokens is asked
+    # again with a wider radius, so the result is exact whatever the sample said.
     import faiss
 
     n_queries, n_heads, d = queries.shape
+    n_eff = sigs.shape[0] - start
     qbits = query_bits(queries)  # [Q, H, B]
+    sample = sigs[start :: max(1, n_eff // FAISS_SAMPLE)]  # evenly spaced rows
     scores = np.empty((n_queries, n_heads, k), np.float32)
     ids = np.empty((n_queries, n_heads, k), np.int64)
     for h in range(n_heads):
         index = faiss.IndexBinaryFlat(d)
         index.add(np.ascontiguousarray(sigs[start:, h]))
         xq = np.ascontiguousarray(qbits[:, h])
-        dist, _ = index.search(xq, k)
-        kth = dist[:, -1].astype(np.int64)
-        lims, r_dist, r_ids = index.range_search(xq, int(kth.max()) + 1)
-        row = np.repeat(np.arange(n_queries), np.diff(lims.astype(np.int64)))
-        r_dist = r_dist.astype(np.int64)
-        keep = r_dist <= kth[row]
-        row, r_dist, r_ids = row[keep], r_dist[keep], r_ids[keep].astype(np.int64)
-        order = np.lexsort((r_ids, r_dist, row))
-        first = np.searchsorted(row[order], np.arange(n_queries))
-        take = order[first[:, None] + np.arange(k)]
-        scores[:, h] = -r_dist[take].astype(np.float32)
-        ids[:, h] = r_ids[take] + start
+        sample_dist = _POPCOUNT[sample[None, :, h] ^ xq[:, None]].sum(axis=-1)  # [Q, m]
+        radius = np.quantile(sample_dist, min(1.0, 2 * k / n_eff), axis=1, method="higher").astype(np.int64)
+        pending = np.arange(n_queries)
+        while len(pending):
+            lims, r_dist, r_ids = index.range_search(xq[pending], int(radius[pending].max()) + 1)  # distance < arg
+            short = []
+            for j, row in enumerate(pending):
+                dist, found = r_dist[lims[j] : lims[j + 1]], r_ids[lims[j] : lims[j + 1]]
+                inside = dist <= radius[row]
+                if inside.sum() < k:
+                    short.append(row)
+                    continue
+                dist, found = dist[inside].astype(np.int64), found[inside].astype(np.int64)
+                order = np.lexsort((found, dist))[:k]  # distance, then token index
+                scores[row, h] = -dist[order].astype(np.float32)
+                ids[row, h] = found[order] + start
+            pending = np.array(short, np.int64)
+            radius[pending] += 2
     scores[scores == 0] = 0.0
     return scores.reshape(-1, k), ids.reshape(-1, k)
 

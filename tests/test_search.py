@@ -337,3 +337,11 @@ def test_top_k_rows_breaks_ties_to_the_lower_index_and_treats_signed_zeros_alike
     _, got = S.top_k_rows(many, 40)
     want = np.stack([np.lexsort((np.arange(300), -row))[:40] for row in many.reshape(-1, 300)]).reshape(4, 2, 40)
     assert (got == want).all()
+
+
+def test_faiss_widens_its_radius_until_k_tokens_are_inside(monkeypatch):
+    monkeypatch.setattr(S, "FAISS_SAMPLE", 1)  # a radius read off one row is too small for most queries
+    sigs, _, _ = random_archive(3000, duplicates=True, seed=17)
+    queries = np.random.default_rng(18).standard_normal((4, 3, 64)).astype(np.float32)
+    want = search_many(sigs, None, queries, 200, mode="hamming", backend="numpy", exclude_before=5)
+    assert_same(search_many(sigs, None, queries, 200, mode="hamming", backend="faiss", exclude_before=5), want)
