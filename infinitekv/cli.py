@@ -733,6 +733,40 @@ def bench_fuzz(
         raise typer.Exit(code=1)
 
 
+@bench_app.command("scan")
+def bench_scan(
+    sizes: str = typer.Option("12000,131072,1000000", help="Cold tokens for the flat-scan bandwidth, comma-separated."),
+    index_sizes: str = typer.Option("12000,131072,1000000",
+                                    help="Cold tokens for flat vs two-level per-step time and recall."),
+    repeat: int = typer.Option(5, help="Best of this many timed calls."),
+    receipt: Optional[Path] = _RECEIPT,
+) -> None:
+    """The cold tier's index alone (synthetic signatures, real scan and select): memcpy and scan bandwidth per
+    backend, and per-layer step time of the flat scan and the two-level index up to 1M tokens. Needs no model."""
+    from infinitekv import receipts, scanbench
+
+    counts = {}
+    for name, text in (("--sizes", sizes), ("--index-sizes", index_sizes)):
+        try:
+            counts[name] = tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            counts[name] = ()
+        if not counts[name] or min(counts[name]) < 1024 or max(counts[name]) > 1 << 26:
+            raise IKVError(f"{name} must be comma-separated token counts between 1024 and {1 << 26}, got {text!r}")
+    if repeat < 1:
+        raise IKVError(f"--repeat must be at least 1, got {repeat}")
+    started_at, clock = receipts.utc_now(), time.perf_counter()
+    parts = scanbench.bench_scan(counts["--sizes"], counts["--index-sizes"], repeat)
+    record = receipts.build_receipt(command=receipts.command_line(), config=parts["config"],
+                                    model={"source": None, "weights_sha256": None}, inputs={},
+                                    outputs=parts["outputs"], metrics=parts["metrics"], gates=None,
+                                    started_at=started_at, duration_s=time.perf_counter() - clock)
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("scan"))
+    for name, value in parts["metrics"].items():
+        print(f"{name}: {value['value']} {value['unit']}")
+    print(f"receipt {path}", file=sys.stderr)
+
+
 @bench_app.command("interrupted")
 def bench_interrupted(
     prompt_file: Path = typer.Option(..., help="The document to read (e.g. receipts/haystack-32k.txt)."),

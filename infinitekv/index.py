@@ -7,7 +7,7 @@ sum of the block's weighted scores, so one small matmul ranks the blocks; the to
 query row, plus the tokens after the last whole block, are then scored exactly as search.py scores them (same
 integers, same float32 product) and the top k kept, equal scores to the lower token index. The result is the flat
 scan's answer restricted to the chosen blocks: scores are bit for bit the flat scan's, recall of the flat top-k
-depends on how clustered the keys are (scripts/bench_search.py measures it).
+depends on how clustered the keys are (`ikv bench scan` measures it).
 
 Use (one BlockIndex per layer, fed the same rows the archive holds):
 
@@ -41,7 +41,7 @@ def use_two_level(n_cold: int) -> bool:
     """Whether a layer with n_cold cold tokens should search with BlockIndex rather than the flat scan.
 
     The flat scan is exact and, below this size, costs about what the two-level search does (its per-step time is
-    printed by scripts/bench_search.py); past it the flat scan's cost keeps growing with the context while the
+    measured by `ikv bench scan`); past it the flat scan's cost keeps growing with the context while the
     two-level search reads one summary per BLOCK tokens plus a fixed number of blocks.
     """
     return n_cold >= TWO_LEVEL_FROM

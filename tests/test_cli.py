@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -73,3 +74,20 @@ def test_unsupported_architecture_is_one_line(tmp_path):
 def test_inspect_of_a_non_archive_is_one_line(tmp_path):
     code, _, err = ikv("inspect", str(tmp_path))
     assert_one_line_error(code, err)
+
+
+def test_scan_bench_refuses_bad_sizes_in_one_line():
+    code, _, err = ikv("bench", "scan", "--sizes", "12k")
+    assert_one_line_error(code, err, "--sizes must be comma-separated token counts")
+
+
+def test_scan_bench_writes_a_receipt_that_verifies(tmp_path):
+    receipt = tmp_path / "scan.json"
+    code, _, err = ikv("bench", "scan", "--sizes", "2048", "--index-sizes", "4096", "--repeat", "1",
+                       "--receipt", str(receipt))
+    assert code == 0, err
+    record = json.loads(receipt.read_text())
+    assert record["metrics"]["memcpy_gb_per_s"]["value"] > 0
+    # at 4,096 cold tokens the two-level index still scans every block: it must find exactly the flat top-k
+    assert record["metrics"]["two_level_recall_random_at_4096"]["value"] == 1.0
+    assert ikv("verify", str(receipt))[0] == 0
