@@ -3,12 +3,14 @@ metrics, gates); the CLI adds the command, environment and hash. A gate asserts;
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -359,18 +361,25 @@ def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 122
 
 
 
+FLOOR_CONTEXT = 512  # tokens of context for the model's own decode step, the speed floor
+
+
 def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 12288, 32768),
                 baseline_up_to: int = 12288, decode_steps: int = 16) -> dict:
-    """Prefill time and decode latency, InfiniteKV against the unmodified full-cache model, side by side in one run.
+    """Prefill time and decode latency, InfiniteKV against the unmodified full-cache model, side by side in one run,
+    and the floor: the model's own decode step at a FLOOR_CONTEXT-token context.
 
     The baseline runs only up to `baseline_up_to` tokens: past that its cache outgrows what we want to hold, and
     past 8,192 its answers are gibberish anyway. Decode latency is the median over `decode_steps` greedy steps."""
     model, tokenizer = loaded.model, loaded.tokenizer
     text_ids = tokenizer(english_text(max(lengths) * 8), add_special_tokens=False)["input_ids"]
     rows, metrics = [], {}
+    # the floor: the model's own decode step with a short full cache, what no cache strategy can beat
+    floor_ms = _full_cache_speed(model, text_ids[:FLOOR_CONTEXT], decode_steps)[1]
+    metrics[f"floor_decode_ms_at_{FLOOR_CONTEXT}"] = receipts.metric(round(floor_ms, 3), "ms/token")
     for length in lengths:
         ids = text_ids[:length]
-        row = {"length": length}
+        row = {"length": length, "load_average": os.getloadavg()[0]}
         with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
             start = time.perf_counter()
             logits = s.feed(ids)
@@ -383,32 +392,39 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
             row["ikv_decode_ms"] = 1000 * float(np.median(steps))
             row["cold_tokens_per_step"] = s.counters.cold_tokens_per_step()
         if length <= baseline_up_to:
-            with torch.no_grad():
-                start = time.perf_counter()
-                out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-                row["full_prefill_s"] = time.perf_counter() - start
-                cache, token = out.past_key_values, out.logits[0, -1].argmax()
-                steps = []
-                for _ in range(decode_steps):
-                    start = time.perf_counter()
-                    out = model(token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    steps.append(time.perf_counter() - start)
-                    cache, token = out.past_key_values, out.logits[0, -1].argmax()
-                row["full_decode_ms"] = 1000 * float(np.median(steps))
-                del cache, out
+            row["full_prefill_s"], row["full_decode_ms"] = _full_cache_speed(model, ids, decode_steps)
         rows.append(row)
         for name, value in row.items():
-            if name != "length":
+            if name not in ("length", "load_average"):
                 unit = "s" if name.endswith("_s") else "tokens per layer and kv-head" if "cold" in name else "ms/token"
                 metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 3), unit)
+        metrics[f"decode_over_floor_at_{length}"] = receipts.metric(round(row["ikv_decode_ms"] / floor_ms, 3),
+                                                                    "ms/ms")
         if "full_prefill_s" in row:
             metrics[f"prefill_speedup_at_{length}"] = receipts.metric(
                 round(row["full_prefill_s"] / row["ikv_prefill_s"], 3), "s/s")
             metrics[f"decode_speedup_at_{length}"] = receipts.metric(
                 round(row["full_decode_ms"] / row["ikv_decode_ms"], 3), "s/s")
     return {"config": {**asdict(config), "lengths": list(lengths), "baseline_up_to": baseline_up_to,
-                       "decode_steps": decode_steps, "torch_threads": torch.get_num_threads()},
+                       "decode_steps": decode_steps, "torch_threads": torch.get_num_threads(),
+                       "numba_threads": numba.get_num_threads()},
             "outputs": {"rows": rows}, "metrics": metrics}
+
+
+def _full_cache_speed(model, ids: list[int], decode_steps: int) -> tuple[float, float]:
+    """The unmodified model with its own cache: (prefill seconds, median decode ms per token)."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - start
+        cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        steps = []
+        for _ in range(decode_steps):
+            start = time.perf_counter()
+            out = model(token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            steps.append(time.perf_counter() - start)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+    return prefill_s, 1000 * float(np.median(steps))
 
 
 def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot_window: int = 512, k: int = 32,

@@ -113,3 +113,18 @@ def test_weights_are_byte_identical_after_a_session(smollm2):
     assert weights_sha256(smollm2.model) == before
     with torch.no_grad():
         assert torch.isfinite(smollm2.model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_speed_bench_measures_the_floor_and_both_caches_side_by_side(smollm2):
+    from infinitekv.bench import FLOOR_CONTEXT, bench_speed
+
+    parts = bench_speed(smollm2, RetrievalConfig(dense_up_to=0, hot_window=256), lengths=(1024,),
+                        baseline_up_to=1024, decode_steps=2)
+    metrics = parts["metrics"]
+    floor = metrics[f"floor_decode_ms_at_{FLOOR_CONTEXT}"]["value"]
+    assert floor > 0
+    row = parts["outputs"]["rows"][0]
+    assert row["ikv_decode_ms"] > 0 and row["full_decode_ms"] > 0 and row["cold_tokens_per_step"] > 0
+    assert metrics["decode_over_floor_at_1024"]["value"] == pytest.approx(row["ikv_decode_ms"] / floor, rel=1e-2)
+    assert metrics["decode_speedup_at_1024"]["value"] == pytest.approx(
+        row["full_decode_ms"] / row["ikv_decode_ms"], rel=1e-2)
