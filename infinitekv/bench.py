@@ -436,26 +436,15 @@ def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
     ids = tokenizer(english_text(tokens * 8), add_special_tokens=False)["input_ids"][:tokens]
-    captured_q, captured_k, hooks = {}, {}, []
-    for index, layer in enumerate(model.model.layers):
-        hooks.append(layer.self_attn.q_proj.register_forward_hook(
-            lambda m, a, out, i=index: captured_q.__setitem__(i, out[0].detach())))
-        hooks.append(layer.self_attn.k_proj.register_forward_hook(
-            lambda m, a, out, i=index: captured_k.__setitem__(i, out[0].detach())))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    captured_q, captured_k = _capture_qk(model, ids)  # [Hq, L, D], [Hk, L, D] per layer
     n_kv, head_dim = config.num_key_value_heads, config.head_dim
     group = config.num_attention_heads // n_kv
     rotation = codec.rotation_matrix(head_dim, 0)
     sinks = 4
     table = {}
     for layer in layers:
-        q = captured_q[layer].view(-1, n_kv, group, head_dim).sum(2).numpy()
-        k_pre = captured_k[layer].view(-1, n_kv, head_dim).numpy()
+        q = captured_q[layer].transpose(0, 1).reshape(-1, n_kv, group, head_dim).sum(2).numpy()
+        k_pre = captured_k[layer].transpose(0, 1).numpy()
         mean = k_pre[:1024].mean(0)
         designs = {
             "sign(k), hamming": (k_pre, None, "hamming"),
