@@ -495,6 +495,22 @@ def _bench(kind: str, model: str, receipt: Optional[Path], work) -> None:
         raise typer.Exit(code=1)
 
 
+def _model_free_bench(kind: str, receipt: Optional[Path], work) -> tuple[dict, Path]:
+    """Run `work() -> receipt parts` (a bench that loads no model), write its receipt, print its metrics."""
+    from infinitekv import receipts
+
+    started_at, clock = receipts.utc_now(), time.perf_counter()
+    parts = work()
+    record = receipts.build_receipt(command=receipts.command_line(), config=parts["config"],
+                                    model={"source": None, "weights_sha256": None}, inputs={},
+                                    outputs=parts["outputs"], metrics=parts["metrics"], gates=parts.get("gates"),
+                                    started_at=started_at, duration_s=time.perf_counter() - clock)
+    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path(kind))
+    for name, value in parts["metrics"].items():
+        print(f"{name}: {value['value']} {value['unit']}")
+    return parts, path
+
+
 _MODEL = typer.Option(DEFAULT_MODEL, help="Model to measure (see `ikv run --help`).")
 _RECEIPT = typer.Option(None, help="Where to write the receipt (default: receipts/<kind>-<time>.json).")
 _HOT = typer.Option(RetrievalConfig.hot_window, help="Hot window.")
@@ -712,19 +728,11 @@ def bench_fuzz(
 ) -> None:
     """Random and mutated packs, archives and receipts against unpack, inspect/open and verify: any traceback, hang
     or write outside the case directory is a finding. Needs no model."""
-    from infinitekv import fuzz, receipts
+    from infinitekv import fuzz
 
     if not math.isfinite(minutes) or minutes <= 0:
         raise IKVError(f"--minutes must be a positive number, got {minutes}")
-    started_at, clock = receipts.utc_now(), time.perf_counter()
-    parts = fuzz.fuzz(minutes, seed)
-    record = receipts.build_receipt(command=receipts.command_line(), config=parts["config"],
-                                    model={"source": None, "weights_sha256": None}, inputs={},
-                                    outputs=parts["outputs"], metrics=parts["metrics"], gates=parts["gates"],
-                                    started_at=started_at, duration_s=time.perf_counter() - clock)
-    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("fuzz"))
-    for name, value in parts["metrics"].items():
-        print(f"{name}: {value['value']} {value['unit']}")
+    parts, path = _model_free_bench("fuzz", receipt, lambda: fuzz.fuzz(minutes, seed))
     for finding in parts["outputs"]["findings"]:
         print(f"finding {finding['target']}: {finding['problem']} ({finding['mutation']}) at {finding['where']}")
     print(f"gate no_traceback_hang_or_escape: {parts['gates']['no_traceback_hang_or_escape']['verdict']}")
@@ -743,7 +751,7 @@ def bench_scan(
 ) -> None:
     """The cold tier's index alone (synthetic signatures, real scan and select): memcpy and scan bandwidth per
     backend, and per-layer step time of the flat scan and the two-level index up to 1M tokens. Needs no model."""
-    from infinitekv import receipts, scanbench
+    from infinitekv import scanbench
 
     counts = {}
     for name, text in (("--sizes", sizes), ("--index-sizes", index_sizes)):
@@ -755,15 +763,8 @@ def bench_scan(
             raise IKVError(f"{name} must be comma-separated token counts between 1024 and {1 << 26}, got {text!r}")
     if repeat < 1:
         raise IKVError(f"--repeat must be at least 1, got {repeat}")
-    started_at, clock = receipts.utc_now(), time.perf_counter()
-    parts = scanbench.bench_scan(counts["--sizes"], counts["--index-sizes"], repeat)
-    record = receipts.build_receipt(command=receipts.command_line(), config=parts["config"],
-                                    model={"source": None, "weights_sha256": None}, inputs={},
-                                    outputs=parts["outputs"], metrics=parts["metrics"], gates=None,
-                                    started_at=started_at, duration_s=time.perf_counter() - clock)
-    path = receipts.write_receipt(record, receipt or receipts.default_receipt_path("scan"))
-    for name, value in parts["metrics"].items():
-        print(f"{name}: {value['value']} {value['unit']}")
+    _, path = _model_free_bench("scan", receipt, lambda: scanbench.bench_scan(
+        counts["--sizes"], counts["--index-sizes"], repeat))
     print(f"receipt {path}", file=sys.stderr)
 
 
