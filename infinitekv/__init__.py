@@ -9,6 +9,7 @@ attends over sinks + retrieved + window, with far tokens squeezed inside the tra
 __version__ = "0.1.0"
 
 from infinitekv.attention import RetrievalConfig  # noqa: E402
-from infinitekv.engine import Session, enable  # noqa: E402
+from infinitekv.cache import InfiniteKVCache  # noqa: E402
+from infinitekv.engine import Session, enable, open_session  # noqa: E402
 
-__all__ = ["RetrievalConfig", "Session", "enable", "__version__"]
+__all__ = ["InfiniteKVCache", "RetrievalConfig", "Session", "enable", "open_session", "__version__"]

@@ -908,6 +908,8 @@ class Archive:
         if self.mode == "ram":
             self._ram_state = ({k: v.copy() for k, v in state_arrays.items()}, json.loads(meta_json))
             self.committed_tokens, self.generation = n, self.generation + 1
+            for lay in self._layers:
+                lay.save()  # the point rollback() returns to
             return
         arrays = {k: np.ascontiguousarray(v, v.dtype.newbyteorder("<") if v.dtype.byteorder == ">" else None)
                   .reshape(v.shape) for k, v in state_arrays.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
@@ -962,6 +964,11 @@ class Archive:
         os.replace(tmp, self.path / MANIFEST_NAME)
         _fsync_dir(self.path)
         return raw
+
+    def rollback(self) -> None:
+        """Drop every record appended since the last commit (an uncommitted branch given up, see cache.py)."""
+        self._check_writable()
+        self._rollback()
 
     def _rollback(self) -> None:
         """Back to the last commit in memory; the file bytes past it are garbage that later appends overwrite."""

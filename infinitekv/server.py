@@ -367,12 +367,12 @@ class Worker:
     @contextlib.contextmanager
     def _session(self, conversation: str | None):
         from infinitekv.archive import MANIFEST_NAME, Archive
-        from infinitekv.engine import enable, model_layout
+        from infinitekv.engine import open_session, model_layout
 
         loaded, config = self.loaded, self.options.config
         common = dict(tokenizer=loaded.tokenizer, config=config, fingerprint=loaded.weights_sha256)
         if conversation is None:
-            with enable(loaded.model, archive=None, mode="ram", **common) as session:
+            with open_session(loaded.model, archive=None, mode="ram", **common) as session:
                 yield session
             return
         path = conversation_dir(self.archives, conversation)
@@ -382,7 +382,7 @@ class Worker:
             store = Archive.create(path, model_layout(loaded.model), loaded.weights_sha256)
         try:
             # an archive is created before its first turn commits; with no commit yet there is nothing to resume
-            with enable(loaded.model, archive=store, resume=store.generation > 0, **common) as session:
+            with open_session(loaded.model, archive=store, resume=store.generation > 0, **common) as session:
                 yield session
         finally:
             store.close()  # uncommitted records of a turn that did not finish are dropped when it is next opened

@@ -9,8 +9,9 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A 2-layer random model of `family` (llama, mistral, qwen2, qwen3) in fp32 eval mode."""
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A 2-layer random model of `family` (llama, mistral, qwen2, qwen3) in fp32 eval mode; `overrides` change its
+    config (e.g. sliding_window=24)."""
     import transformers
 
     classes = {
@@ -21,7 +22,7 @@ def tiny_model(family: str, seed: int = 0):
     }
     config_class, model_class, extra = classes[family]
     torch.manual_seed(seed)
-    config = config_class(**TINY, **extra)
+    config = config_class(**{**TINY, **extra, **overrides})
     config._attn_implementation = "sdpa"
     return model_class(config).eval()
 

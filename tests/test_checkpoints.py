@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 from infinitekv.archive import Archive, never_committed
 from infinitekv.attention import RetrievalConfig
-from infinitekv.engine import enable
+from infinitekv.engine import open_session
 from infinitekv.errors import IKVError
 
 CONFIG = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=32, top_k_cold=8, shortlist=32,
@@ -24,7 +24,7 @@ class Killed(Exception):
 
 
 def interrupted_read(model, ids, path, after_chunks: int, every: int) -> None:
-    with enable(model, config=CONFIG, archive=str(path)) as session:
+    with open_session(model, config=CONFIG, archive=str(path)) as session:
         session.checkpoint_every = every
         forward, calls = session._forward, []
 
@@ -42,7 +42,7 @@ def interrupted_read(model, ids, path, after_chunks: int, every: int) -> None:
 def test_interrupted_read_resumes_from_its_last_checkpoint_and_ends_like_an_uninterrupted_one(tmp_path):
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(9)).tolist()[0]
-    with enable(model, config=CONFIG, mode="ram") as session:
+    with open_session(model, config=CONFIG, mode="ram") as session:
         expected = session.generate(ids, max_new_tokens=6, stop_ids=set())
 
     interrupted_read(model, ids, tmp_path / "mem", after_chunks=11, every=4)  # checkpoints after chunks 4 and 8
@@ -51,7 +51,7 @@ def test_interrupted_read_resumes_from_its_last_checkpoint_and_ends_like_an_unin
         arrays, meta = arc.load_state()
     assert len(arrays["token_ids"]) == 8 * 32 and meta["pending"]["tokens"] == 600 - 8 * 32
 
-    with enable(model, config=CONFIG, archive=str(tmp_path / "mem"), resume=True) as session:
+    with open_session(model, config=CONFIG, archive=str(tmp_path / "mem"), resume=True) as session:
         assert session.pending_ids == ids[8 * 32:]
         got = session.generate(session.pending_ids, max_new_tokens=6, stop_ids=set())
         assert session.counters.prefill_tokens == 600 - 8 * 32  # only what the checkpoint did not hold is read
@@ -66,7 +66,7 @@ def test_a_first_read_interrupted_before_any_checkpoint_leaves_a_directory_a_new
     ids = list(range(1, 200))
     interrupted_read(model, ids, tmp_path / "mem", after_chunks=2, every=4)
     assert never_committed(tmp_path / "mem")
-    with enable(model, config=CONFIG, archive=str(tmp_path / "mem")) as session:  # a plain run, not --resume
+    with open_session(model, config=CONFIG, archive=str(tmp_path / "mem")) as session:  # a plain run, not --resume
         session.feed(ids)
         session.commit()
     assert not never_committed(tmp_path / "mem")
@@ -77,7 +77,7 @@ def test_resume_with_another_document_than_the_interrupted_one_is_refused(tmp_pa
 
     model = tiny_model("llama")
     ids = list(range(1, 400))
-    with enable(model, config=CONFIG, archive=str(tmp_path / "mem")) as session:
+    with open_session(model, config=CONFIG, archive=str(tmp_path / "mem")) as session:
         session.checkpoint_every = 2
         session.pending_inputs = _turn_inputs("the book", "who?")
         forward = session._forward
@@ -85,7 +85,7 @@ def test_resume_with_another_document_than_the_interrupted_one_is_refused(tmp_pa
             else forward(chunk)
         with pytest.raises(Killed):
             session.feed(ids)
-    with enable(model, config=CONFIG, archive=str(tmp_path / "mem"), resume=True) as session:
+    with open_session(model, config=CONFIG, archive=str(tmp_path / "mem"), resume=True) as session:
         with pytest.raises(IKVError, match="interrupted while reading another document"):
             session.ask("who?", document="another book")
 
@@ -106,10 +106,10 @@ def rewrite_state(path, edit) -> None:
 ])
 def test_state_with_valid_checksums_but_unknown_content_is_refused_in_one_line(tmp_path, edit, message):
     model = tiny_model("llama")
-    with enable(model, config=CONFIG, archive=str(tmp_path / "mem")) as session:
+    with open_session(model, config=CONFIG, archive=str(tmp_path / "mem")) as session:
         session.feed(list(range(1, 100)))
         session.commit()
     rewrite_state(tmp_path / "mem", edit)
     with pytest.raises(IKVError, match=message):
-        with enable(model, config=CONFIG, archive=str(tmp_path / "mem"), resume=True):
+        with open_session(model, config=CONFIG, archive=str(tmp_path / "mem"), resume=True):
             pass

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
-from infinitekv.engine import enable
+from infinitekv.engine import open_session
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
 
@@ -30,7 +30,7 @@ def test_logits_match_unmodified_model_when_hot_window_covers_everything(family)
     with torch.no_grad():
         reference = model(ids).logits[0]
     config = RetrievalConfig(hot_window=1024, chunk_size=64, top_k_cold=8, shortlist=32)
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         for start in range(0, 300, 64):
             logits = session.feed(ids[0, start : start + 64].tolist())
             last = min(start + 64, 300) - 1
@@ -44,7 +44,7 @@ def test_greedy_output_identical_and_weights_byte_identical_after_exit(family):
     ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(2))
     expected = reference_greedy(model, ids, 12)
     config = RetrievalConfig(hot_window=1024, chunk_size=50, top_k_cold=8, shortlist=32)
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         got = session.generate(ids[0].tolist(), max_new_tokens=12, stop_ids=set())
     assert got == expected
     assert weights_sha256(model) == before
@@ -56,7 +56,7 @@ def test_greedy_output_identical_and_weights_byte_identical_after_exit(family):
 def test_attention_is_restored_when_the_body_raises():
     model = tiny_model("llama")
     with pytest.raises(RuntimeError):
-        with enable(model, mode="ram"):
+        with open_session(model, mode="ram"):
             raise RuntimeError("boom")
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
 
@@ -68,7 +68,7 @@ def test_old_tokens_go_to_the_cold_tier_and_are_retrieved(mode, tmp_path):
     config = RetrievalConfig(sinks=4, hot_window=64, evict_batch=16, chunk_size=32, top_k_cold=8, shortlist=32,
                              dense_up_to=0)
     archive = str(tmp_path / "mem") if mode == "disk" else None
-    with enable(model, config=config, archive=archive, mode=mode) as session:
+    with open_session(model, config=config, archive=archive, mode=mode) as session:
         logits = session.feed(ids)
         cold = len(session.archive.signatures(0))
         memory = session.memories[0]
@@ -89,7 +89,7 @@ def test_retrieval_off_differs_from_retrieval_on_once_tokens_are_cold():
     for top_k in (0, 16):
         config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32, top_k_cold=top_k, shortlist=64,
                                  dense_up_to=0)
-        with enable(model, config=config, mode="ram") as session:
+        with open_session(model, config=config, mode="ram") as session:
             outputs.append(session.feed(ids))
     assert not torch.allclose(outputs[0], outputs[1])
 
@@ -100,13 +100,13 @@ def test_resumed_session_continues_exactly_like_an_uninterrupted_one(tmp_path):
     more = [7, 8, 9, 10, 11]
     config = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=40, top_k_cold=8, shortlist=32,
                              dense_up_to=300)  # crosses from exact attention to retrieval mid-way
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         session.feed(ids)
         expected = session.generate(more, max_new_tokens=10, stop_ids=set())
-    with enable(model, config=config, archive=str(tmp_path / "mem")) as session:
+    with open_session(model, config=config, archive=str(tmp_path / "mem")) as session:
         session.feed(ids)
         session.commit()
-    with enable(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
+    with open_session(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
         assert len(session.token_ids) == 500
         got = session.generate(more, max_new_tokens=10, stop_ids=set())
         assert session.counters.prefill_tokens == len(more)
@@ -115,18 +115,18 @@ def test_resumed_session_continues_exactly_like_an_uninterrupted_one(tmp_path):
 
 def test_resume_with_another_model_is_refused(tmp_path):
     config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32)
-    with enable(tiny_model("llama", seed=0), config=config, archive=str(tmp_path / "mem")) as session:
+    with open_session(tiny_model("llama", seed=0), config=config, archive=str(tmp_path / "mem")) as session:
         session.feed(list(range(100)))
         session.commit()
     with pytest.raises(IKVError, match="model"):
-        with enable(tiny_model("llama", seed=1), config=config, archive=str(tmp_path / "mem"), resume=True):
+        with open_session(tiny_model("llama", seed=1), config=config, archive=str(tmp_path / "mem"), resume=True):
             pass
 
 
 def test_budget_beyond_trained_window_is_refused_with_the_fix():
     model = tiny_model("llama")
     with pytest.raises(IKVError, match="trained window.*lower --hot-window"):
-        with enable(model, config=RetrievalConfig(hot_window=8000), mode="ram"):
+        with open_session(model, config=RetrievalConfig(hot_window=8000), mode="ram"):
             pass
 
 
@@ -136,18 +136,18 @@ def test_unsupported_architecture_is_refused():
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64)
     model = transformers.GPT2LMHeadModel(config).eval()
     with pytest.raises(IKVError, match="unsupported architecture 'gpt2'"):
-        with enable(model, mode="ram"):
+        with open_session(model, mode="ram"):
             pass
 
 
 def test_an_existing_archive_is_not_overwritten(tmp_path):
     model = tiny_model("llama")
     config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=32)
-    with enable(model, config=config, archive=str(tmp_path / "mem")) as session:
+    with open_session(model, config=config, archive=str(tmp_path / "mem")) as session:
         session.feed(list(range(100)))
         session.commit()
     with pytest.raises(IKVError):
-        with enable(model, config=config, archive=str(tmp_path / "mem")):
+        with open_session(model, config=config, archive=str(tmp_path / "mem")):
             pass
     with Archive.open(tmp_path / "mem", writable=False) as archive:
         assert archive.committed_tokens == len(archive.signatures(0)) > 0
@@ -164,7 +164,7 @@ def test_retrieving_every_cold_token_reproduces_the_full_model_up_to_quantisatio
     config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=chunk, top_k_cold=2000, shortlist=4000,
                              select_block=16, dense_up_to=0)
     worst = 0.0
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         for start in range(0, 400, chunk):
             logits = session.feed(ids[0, start : start + chunk].tolist())
             worst = max(worst, float((logits - reference[min(start + chunk, 400) - 1]).abs().max()))
@@ -181,7 +181,7 @@ def test_attention_is_exact_inside_dense_up_to_although_old_tokens_are_archived(
     with torch.no_grad():
         reference = model(ids).logits[0]
     config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=50, top_k_cold=8, shortlist=32)
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         assert session.config.dense_up_to == model.config.max_position_embeddings  # derived from the model
         for start in range(0, 350, 50):
             logits = session.feed(ids[0, start : start + 50].tolist())
@@ -198,7 +198,7 @@ def test_leaving_dense_up_to_switches_to_retrieval_and_drops_archived_tokens_fro
     ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(9)).tolist()[0]
     config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=50, top_k_cold=8, shortlist=32,
                              dense_up_to=200)
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         session.feed(ids[:200])
         assert session.memories[0].window_len > 150  # exact: the window still holds the archived tokens
         session.feed(ids[200:])
@@ -214,15 +214,15 @@ def test_resume_inside_dense_up_to_restores_the_cold_tokens_from_records(tmp_pat
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(10)).tolist()[0]
     more = ids[250:]
     config = RetrievalConfig(hot_window=32, evict_batch=8, chunk_size=50, top_k_cold=8, shortlist=32)
-    with enable(model, config=config, mode="ram") as session:
+    with open_session(model, config=config, mode="ram") as session:
         session.feed(ids[:250])
         expected = session.feed(more)
-    with enable(model, config=config, archive=str(tmp_path / "mem")) as session:
+    with open_session(model, config=config, archive=str(tmp_path / "mem")) as session:
         session.feed(ids[:250])
         session.commit()
     arrays, _ = Archive.open(tmp_path / "mem", writable=False).load_state()
     assert arrays["layer0.window_k"].shape[1] < 32 + 8
-    with enable(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
+    with open_session(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
         got = session.feed(more)
         assert session.memories[0].window_len == 300 - 4
     assert float((got - expected).abs().max()) < 0.05

@@ -16,7 +16,7 @@ import torch
 
 from infinitekv.attention import RetrievalConfig
 from infinitekv.bench import gate_equivalence
-from infinitekv.engine import enable
+from infinitekv.engine import open_session
 from infinitekv.needles import passkey
 from infinitekv.receipts import verify_receipt
 
@@ -25,7 +25,7 @@ WALL_TOKENS = 12000
 
 
 def answer(loaded, needle, config, archive=None):
-    with enable(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=archive,
+    with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=archive,
                 mode="disk" if archive else "ram", fingerprint=loaded.weights_sha256) as session:
         text = session.ask(needle.question, needle.document, max_new_tokens=20)
         cold = len(session.archive.signatures(0))
@@ -85,17 +85,17 @@ def test_resumed_conversation_answers_like_an_uninterrupted_one_without_reprefil
     # records, so only the retrieval path promises token-identical answers after a resume
     config = RetrievalConfig(hot_window=512, dense_up_to=0)
     follow_up = "Repeat the magic number once more."
-    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=config, mode="ram",
+    with open_session(smollm2.model, tokenizer=smollm2.tokenizer, config=config, mode="ram",
                 fingerprint=smollm2.weights_sha256) as session:
         session.ask(needle.question, needle.document, max_new_tokens=16)
         expected = session.ask(follow_up, max_new_tokens=16)
     archive = str(tmp_path / "mem")
-    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=config, archive=archive,
+    with open_session(smollm2.model, tokenizer=smollm2.tokenizer, config=config, archive=archive,
                 fingerprint=smollm2.weights_sha256) as session:
         session.ask(needle.question, needle.document, max_new_tokens=16)
         session.commit()
         archived = len(session.token_ids)
-    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=config, archive=archive, resume=True,
+    with open_session(smollm2.model, tokenizer=smollm2.tokenizer, config=config, archive=archive, resume=True,
                 fingerprint=smollm2.weights_sha256) as session:
         got = session.ask(follow_up, max_new_tokens=16)
         assert session.counters.prefill_tokens < 40  # only the new turn was read, not the 3,000-token document
@@ -107,7 +107,7 @@ def test_weights_are_byte_identical_after_a_session(smollm2):
     from infinitekv.models import weights_sha256
 
     before = weights_sha256(smollm2.model)
-    with enable(smollm2.model, tokenizer=smollm2.tokenizer, config=RetrievalConfig(hot_window=256), mode="ram",
+    with open_session(smollm2.model, tokenizer=smollm2.tokenizer, config=RetrievalConfig(hot_window=256), mode="ram",
                 fingerprint=before) as session:
         session.ask("Say hello.", "A short document. " * 100, max_new_tokens=4)
     assert weights_sha256(smollm2.model) == before
