@@ -30,6 +30,19 @@ LAYOUT = Layout(n_layers=3, n_kv_heads=2, head_dim=HEAD_DIM, record_bytes=codec.
 FINGERPRINT = "smollm2-135m-instruct:0123456789abcdef"
 
 
+def key_mean(layer: int, layout: Layout = LAYOUT) -> np.ndarray:
+    """Layer l's key centre mu in these tests: float32 [n_kv_heads, head_dim], distinct per layer."""
+    return np.random.default_rng(100 + layer).standard_normal((layout.n_kv_heads, layout.head_dim)).astype(np.float32)
+
+
+def new_archive(path, layout: Layout = LAYOUT, **kwargs) -> Archive:
+    """Archive.create with every layer's key mean set: ready to append to."""
+    arc = Archive.create(path, layout, FINGERPRINT, **kwargs)
+    for layer in range(layout.n_layers):
+        arc.set_key_mean(layer, key_mean(layer, layout))
+    return arc
+
+
 def encoded_records(rng: np.random.Generator, n: int) -> np.ndarray:
     """Real codec records [n, n_kv_heads, record_bytes] for random keys and values."""
     flat = codec.encode_records(rng.standard_normal((n * 2, HEAD_DIM)), rng.standard_normal((n * 2, HEAD_DIM)))
@@ -68,7 +81,7 @@ def make_archive(path, n_committed: int, n_tail: int = 0, seed: int = 0, block_t
     """A closed disk archive with n_committed committed tokens (+ n_tail appended, not committed); its records."""
     rng = np.random.default_rng(seed)
     records = [random_records(rng, n_committed + n_tail) for _ in range(LAYOUT.n_layers)]
-    with Archive.create(path, LAYOUT, FINGERPRINT, block_tokens=block_tokens, meta={"rope_theta": 1e4}) as arc:
+    with new_archive(path, block_tokens=block_tokens, meta={"rope_theta": 1e4}) as arc:
         append_in_chunks(arc, [r[:n_committed] for r in records], rng)
         arc.commit({"token_ids": np.arange(n_committed, dtype=np.int64)}, {"n": n_committed})
         append_in_chunks(arc, [r[n_committed:] for r in records], rng)
@@ -90,7 +103,7 @@ def mapping_of(arr: np.ndarray):
 def test_disk_archive_reopens_with_every_committed_record_and_its_derived_index(tmp_path, block_tokens):
     rng = np.random.default_rng(1)
     records = [encoded_records(rng, 150) for _ in range(LAYOUT.n_layers)]
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT, block_tokens=block_tokens) as arc:
+    with new_archive(tmp_path / "a", block_tokens=block_tokens) as arc:
         append_in_chunks(arc, [r[:100] for r in records], rng)
         arc.commit({"ids": np.arange(100)}, {"n": 100})
         append_in_chunks(arc, [r[100:] for r in records], rng)
@@ -111,7 +124,7 @@ def test_ram_archive_serves_the_same_records_index_and_state_as_disk(tmp_path):
     rng = np.random.default_rng(2)
     records = [encoded_records(rng, 90) for _ in range(LAYOUT.n_layers)]
     state = ({"hot": rng.standard_normal((3, 4)).astype(np.float16)}, {"window": 64})
-    ram = Archive.create(None, LAYOUT, FINGERPRINT, mode="ram")
+    ram = new_archive(None, mode="ram")
     append_in_chunks(ram, records, rng)
     ram.commit(*state)
     assert list(tmp_path.iterdir()) == []
@@ -126,7 +139,7 @@ def test_ram_archive_serves_the_same_records_index_and_state_as_disk(tmp_path):
 
 def test_records_are_a_read_only_memory_map_that_is_remapped_only_when_the_file_grows(tmp_path):
     rng = np.random.default_rng(3)
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+    with new_archive(tmp_path / "a") as arc:
         arc.append(0, random_records(rng, 10))
         first = arc.records(0)
         assert isinstance(mapping_of(first), mmap.mmap), "records() is not backed by a memory map"
@@ -147,7 +160,7 @@ def test_records_are_a_read_only_memory_map_that_is_remapped_only_when_the_file_
 
 def test_signature_index_is_contiguous_and_grows_by_doubling_not_per_append(tmp_path):
     rng = np.random.default_rng(4)
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+    with new_archive(tmp_path / "a") as arc:
         buffers = set()
         for _ in range(2000):
             arc.append(1, random_records(rng, 1))
@@ -164,7 +177,7 @@ def test_resident_index_is_at_most_one_25th_of_the_fp16_kv_it_replaces():
     layout = Layout(n_layers=2, n_kv_heads=4, head_dim=d, record_bytes=codec.record_bytes(d))
     rng = np.random.default_rng(17)
     flat = codec.encode_records(rng.standard_normal((100 * 4, d)), rng.standard_normal((100 * 4, d)))
-    arc = Archive.create(None, layout, FINGERPRINT, mode="ram")
+    arc = new_archive(None, layout, mode="ram")
     for layer in range(layout.n_layers):
         arc.append(layer, flat.reshape(100, 4, -1))
     for layer in range(layout.n_layers):
@@ -343,14 +356,14 @@ def test_create_over_an_interrupted_create_starts_afresh(tmp_path):
     path.mkdir()
     (path / "LOCK").write_text("123\n")
     (path / "layer-000.ikv").write_bytes(b"half a header")
-    with Archive.create(path, LAYOUT, FINGERPRINT) as arc:
+    with new_archive(path) as arc:
         arc.append(0, random_records(np.random.default_rng(0), 1))
     assert sorted(p.name for p in path.iterdir()) == ["LOCK", "MANIFEST"] + [shard_name(i) for i in range(3)]
 
 
 def test_bad_appends_and_uneven_commits_are_refused_without_changing_the_archive(tmp_path):
     rng = np.random.default_rng(6)
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+    with new_archive(tmp_path / "a") as arc:
         bad = [
             (0, random_records(rng, 2).astype(np.int8)),
             (0, random_records(rng, 2)[:, :1]),
