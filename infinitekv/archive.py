@@ -3,7 +3,8 @@ engine's state.
 
 FORMAT.md describes every byte on disk. In short, an archive directory holds
 
-    MANIFEST                    the last committed point: layout, fingerprint, token count, one xxh3 per block, state
+    MANIFEST                    the last committed point: layout, fingerprint, token count, one xxh3 per block, state,
+                                and the codec's rotation R and per-layer key means mu that the records are coded with
     layer-000.ikv ...           one shard per layer: a 4096-byte header, then records [N, n_kv_heads, record_bytes]
     state-00000007.safetensors  the engine's state at that commit (hot tier, token ids), never pickle
     LOCK                        flock'ed by the one writer; holds its pid
@@ -19,6 +20,7 @@ capacity doubling on append and rebuilt (while every block checksum is verified)
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import json
@@ -42,7 +44,7 @@ from safetensors.numpy import save as st_save
 from infinitekv import codec
 from infinitekv.errors import IKVError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MANIFEST holds the rotation R and key means mu (FORMAT.md, "The codec: R and mu")
 HEADER_BYTES = 4096
 SHARD_MAGIC = b"IKVSHARD"
 MANIFEST_MAGIC = b"IKVMANIF"
@@ -64,6 +66,7 @@ _GROW_MIN_BYTES = 256 << 10  # shard files grow (sparse) in steps of their size,
 _GROW_MAX_BYTES = 8 << 20
 _STATE_RE = re.compile(r"state-(\d{8})\.safetensors")
 _STATE_META_KEY = "ikv_state_meta"
+_ORTHOGONAL_TOL = 1e-3  # max |R R^T - I| a stored rotation may show (float32 rounding of an exact one: ~1e-6)
 
 
 def shard_name(layer: int) -> str:
@@ -118,6 +121,8 @@ class _Manifest:
     committed_tokens: int
     block_sums: list  # per layer: list of int xxh3_64, ceil(committed / block_tokens) each
     state: _StateRef | None
+    rotation: np.ndarray  # float32 [head_dim, head_dim], orthogonal: the codec's R
+    key_means: list  # per layer: float32 [n_kv_heads, head_dim] (the codec's mu), or None until set
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -131,11 +136,63 @@ def _corrupt(where: str, what: str, fix: str = _RESTORE) -> IKVError:
     return IKVError(f"{where} is corrupted ({what}); {fix}")
 
 
-def _newer(where: str, version: int) -> IKVError:
-    return IKVError(
-        f"{where} has format version {version} but this InfiniteKV reads format version {FORMAT_VERSION} or older; "
-        "upgrade infinitekv to open it"
-    )
+def _wrong_version(where: str, version: int) -> IKVError:
+    """The one message for a file of another format version (a checked header: the version is not damage)."""
+    fix = ("upgrade infinitekv to open it" if version > FORMAT_VERSION else
+           "re-read the document into a new archive (or use the infinitekv release that wrote it)")
+    return IKVError(f"{where} has format version {version} but this InfiniteKV reads format version "
+                    f"{FORMAT_VERSION} only; {fix}")
+
+
+def _rotation_problem(rotation: np.ndarray, head_dim: int) -> str | None:
+    """What is wrong with a float32 rotation for this head_dim, or None."""
+    if rotation.shape != (head_dim, head_dim):
+        return f"has shape {list(rotation.shape)}, head_dim {head_dim} needs [{head_dim}, {head_dim}]"
+    if not np.isfinite(rotation).all():
+        return "holds values that are not finite"
+    r = rotation.astype(np.float64)
+    off = float(np.abs(r @ r.T - np.eye(head_dim)).max())
+    if off > _ORTHOGONAL_TOL:
+        return f"is not orthogonal (max |R R^T - I| is {off:.3g}, more than {_ORTHOGONAL_TOL:g})"
+    return None
+
+
+def _key_mean_problem(mean: np.ndarray, layout: Layout) -> str | None:
+    """What is wrong with a float32 key mean for this layout, or None."""
+    want = (layout.n_kv_heads, layout.head_dim)
+    if mean.shape != want:
+        return f"has shape {list(mean.shape)}, the layout needs {list(want)} (n_kv_heads, head_dim)"
+    if not np.isfinite(mean).all():
+        return "holds values that are not finite"
+    return None
+
+
+def _as_float32(value, what: str) -> np.ndarray:
+    """A caller's float array -> our own C-contiguous native float32 copy, or ValueError."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise ValueError(f"{what} must be a float numpy array, got {got}")
+    return np.array(value, dtype=np.float32, order="C")
+
+
+def _floats_to_text(arr: np.ndarray) -> str:
+    """float32 array -> base64 of its little-endian bytes, C order (the manifest's encoding)."""
+    return base64.b64encode(np.ascontiguousarray(arr, "<f4").tobytes()).decode("ascii")
+
+
+def _floats_from_text(text, shape: tuple, where: str, label: str) -> np.ndarray:
+    """The manifest's base64 of little-endian float32 -> float32 array of `shape`. The text's length is checked
+    against the shape before anything is decoded, so a hostile manifest cannot make it allocate more."""
+    count = int(np.prod(shape))
+    if not isinstance(text, str) or len(text) != 4 * -(-4 * count // 3):
+        raise _corrupt(where, f"{label} is not base64 of {count} float32 values")
+    try:
+        raw = base64.b64decode(text, validate=True)  # binascii.Error is a ValueError
+    except ValueError:
+        raise _corrupt(where, f"{label} is not valid base64") from None
+    if len(raw) != 4 * count:
+        raise _corrupt(where, f"{label} decodes to {len(raw)} bytes, not {4 * count}")
+    return np.frombuffer(raw, "<f4").astype(np.float32).reshape(shape)
 
 
 def _parse_manifest(raw: bytes, where: str) -> _Manifest:
@@ -145,8 +202,8 @@ def _parse_manifest(raw: bytes, where: str) -> _Manifest:
     magic, version, _reserved, body_len, body_sum = _MANIFEST_HEAD.unpack_from(raw)
     if magic != MANIFEST_MAGIC:
         raise _corrupt(where, "bad magic, not an InfiniteKV manifest")
-    if version > FORMAT_VERSION:
-        raise _newer(where, version)
+    if version > FORMAT_VERSION:  # checked before the rest: a newer version may lay out the rest differently
+        raise _wrong_version(where, version)
     if version < 1 or _reserved != 0:
         raise _corrupt(where, f"header fields out of range (version {version}, reserved {_reserved})")
     body = raw[_MANIFEST_HEAD.size :]
@@ -154,6 +211,8 @@ def _parse_manifest(raw: bytes, where: str) -> _Manifest:
         raise _corrupt(where, f"body is {len(body)} bytes, header says {body_len}")
     if xxhash.xxh3_64_intdigest(body) != body_sum:
         raise _corrupt(where, "checksum mismatch")
+    if version != FORMAT_VERSION:  # an older version, intact (a damaged version field fails the checksum above)
+        raise _wrong_version(where, version)
     try:
         obj = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -175,10 +234,10 @@ def _manifest_from_json(obj, where: str) -> _Manifest:
     if not isinstance(obj, dict):
         raise _corrupt(where, "body is not a JSON object")
     version = field(obj, "format_version", int)
-    if version > FORMAT_VERSION:
-        raise _newer(where, version)
     if version < 1:
         raise _corrupt(where, f"format version {version}")
+    if version != FORMAT_VERSION:
+        raise _wrong_version(where, version)
     archive_uuid = field(obj, "archive_uuid", str)
     if not re.fullmatch(r"[0-9a-f]{32}", archive_uuid):
         raise _corrupt(where, "archive_uuid is not 32 hex digits")
@@ -200,8 +259,11 @@ def _manifest_from_json(obj, where: str) -> _Manifest:
     shards = field(obj, "shards", list)
     if len(shards) != layout.n_layers:
         raise _corrupt(where, f"{len(shards)} shards listed for {layout.n_layers} layers")
+    rotation = _floats_from_text(obj.get("rotation"), (layout.head_dim, layout.head_dim), where, "rotation")
+    if problem := _rotation_problem(rotation, layout.head_dim):
+        raise _corrupt(where, f"rotation {problem}")
     n_blocks = -(-committed // block_tokens)
-    block_sums = []
+    block_sums, key_means = [], []
     for layer, shard in enumerate(shards):
         if field(shard, "file", str, f"shards[{layer}].file") != shard_name(layer):
             raise _corrupt(where, f"shards[{layer}] names {shard.get('file')!r}, expected {shard_name(layer)!r}")
@@ -209,6 +271,16 @@ def _manifest_from_json(obj, where: str) -> _Manifest:
         if len(sums) != 16 * n_blocks or not re.fullmatch(r"[0-9a-f]*", sums):
             raise _corrupt(where, f"shards[{layer}] has a block checksum list that does not cover {committed} tokens")
         block_sums.append([int(sums[i : i + 16], 16) for i in range(0, len(sums), 16)])
+        if "key_mean" not in shard:
+            raise _corrupt(where, f"field 'shards[{layer}].key_mean' is missing")
+        mean = shard["key_mean"]
+        if mean is None and committed:
+            raise _corrupt(where, f"shards[{layer}] holds records but no key_mean to decode them")
+        if mean is not None:
+            mean = _floats_from_text(mean, (layout.n_kv_heads, layout.head_dim), where, f"shards[{layer}].key_mean")
+            if problem := _key_mean_problem(mean, layout):
+                raise _corrupt(where, f"shards[{layer}].key_mean {problem}")
+        key_means.append(mean)
     state = None
     if obj.get("state") is not None:
         raw_state = field(obj, "state", dict)
@@ -219,7 +291,8 @@ def _manifest_from_json(obj, where: str) -> _Manifest:
         if not re.fullmatch(r"[0-9a-f]{16}", checksum):
             raise _corrupt(where, "state.xxh3 is not 16 hex digits")
         state = _StateRef(name, field(raw_state, "bytes", int, "state.bytes"), int(checksum, 16))
-    return _Manifest(archive_uuid, fingerprint, layout, block_tokens, meta, generation, committed, block_sums, state)
+    return _Manifest(archive_uuid, fingerprint, layout, block_tokens, meta, generation, committed, block_sums, state,
+                     rotation, key_means)
 
 
 def _manifest_bytes(m: _Manifest) -> bytes:
@@ -237,9 +310,11 @@ def _manifest_bytes(m: _Manifest) -> bytes:
         "meta": m.meta,
         "generation": m.generation,
         "committed_tokens": m.committed_tokens,
+        "rotation": _floats_to_text(m.rotation),
         "shards": [
-            {"file": shard_name(i), "block_xxh3": "".join(f"{s:016x}" for s in sums)}
-            for i, sums in enumerate(m.block_sums)
+            {"file": shard_name(i), "block_xxh3": "".join(f"{s:016x}" for s in sums),
+             "key_mean": None if mean is None else _floats_to_text(mean)}
+            for i, (sums, mean) in enumerate(zip(m.block_sums, m.key_means))
         ],
         "state": None
         if m.state is None
@@ -287,12 +362,14 @@ def _parse_header(raw: bytes, where: str) -> _Header:
     if magic != SHARD_MAGIC:
         raise _corrupt(where, "bad magic, not an InfiniteKV shard")
     if version > FORMAT_VERSION:
-        raise _newer(where, version)
+        raise _wrong_version(where, version)
     (stored_sum,) = struct.unpack_from("<Q", raw, _HEADER_SUM_AT)
     if xxhash.xxh3_64_intdigest(raw[:_HEADER_SUM_AT]) != stored_sum:
         raise _corrupt(where, "header checksum mismatch")
     if version < 1 or header_bytes != HEADER_BYTES or not 0 < fp_len <= MAX_FINGERPRINT_BYTES or block_tokens < 1:
         raise _corrupt(where, "header fields out of range")
+    if version != FORMAT_VERSION:
+        raise _wrong_version(where, version)
     try:
         layout = Layout(*dims)
         fingerprint = raw[_HEADER.size : _HEADER.size + fp_len].decode("utf-8")
@@ -473,7 +550,7 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
 
 
 class _Layer:
-    """One layer's records (a file or a RAM array), derived index and running block checksums."""
+    """One layer's records (a file or a RAM array), key mean, derived index and running block checksums."""
 
     def __init__(self, layout: Layout):
         h, d = layout.n_kv_heads, layout.head_dim
@@ -488,7 +565,8 @@ class _Layer:
         self.high = 0  # the most tokens this layer has held since open: views handed out reach this far
         self.hasher = xxhash.xxh3_64()  # over the current, unfinished block
         self.sums: list[int] = []  # xxh3 of every finished block
-        self.saved = (0, self.hasher.copy(), 0)  # (n, hasher, len(sums)) at the last commit
+        self.key_mean: np.ndarray | None = None  # float32 [H, D], the codec's mu: set once, before the first append
+        self.saved = (0, self.hasher.copy(), 0, None)  # (n, hasher, len(sums), key_mean) at the last commit
 
     def index(self, records: np.ndarray, at: int, head_dim: int) -> None:
         k = records.shape[0]
@@ -512,18 +590,22 @@ class _Layer:
         return self.sums + ([self.hasher.intdigest()] if self.n % block_tokens else [])
 
     def save(self) -> None:
-        self.saved = (self.n, self.hasher.copy(), len(self.sums))
+        self.saved = (self.n, self.hasher.copy(), len(self.sums), self.key_mean)
 
     def rollback(self) -> None:
-        n, hasher, n_sums = self.saved
+        n, hasher, n_sums, self.key_mean = self.saved  # a key mean set since the last commit is forgotten too
         self.n, self.hasher = n, hasher.copy()
         del self.sums[n_sums:]
+
+    @property
+    def committed_key_mean(self) -> np.ndarray | None:
+        return self.saved[3]
 
 
 class Archive:
     """An archive of cold-tier records, one shard per layer; see the module docstring and FORMAT.md."""
 
-    def __init__(self, *, path, layout, model_fingerprint, meta, mode, writable, block_tokens, archive_uuid):
+    def __init__(self, *, path, layout, model_fingerprint, meta, mode, writable, block_tokens, archive_uuid, rotation):
         self.path = None if path is None else Path(path)
         self.layout: Layout = layout
         self.model_fingerprint: str = model_fingerprint
@@ -532,6 +614,7 @@ class Archive:
         self.writable = writable
         self.block_tokens = block_tokens
         self.archive_uuid = archive_uuid
+        self._rotation: np.ndarray = rotation  # float32 [D, D], checked orthogonal
         self.committed_tokens = 0
         self.recovered: str | None = None
         self.generation = 0
@@ -548,9 +631,13 @@ class Archive:
     @classmethod
     def create(
         cls, path, layout: Layout, model_fingerprint: str, *, mode: str = "disk", meta: dict | None = None,
-        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS, rotation: np.ndarray | None = None,
     ) -> Archive:
-        """A new, empty archive. disk: `path` is created (or must be an empty directory); ram: nothing touches disk."""
+        """A new, empty archive. disk: `path` is created (or must be an empty directory); ram: nothing touches disk.
+
+        rotation: the codec's orthogonal R, float [head_dim, head_dim], stored as float32 (default
+        codec.rotation_matrix(head_dim, 0)). Each layer's key mean is set later, before its first append.
+        """
         if not isinstance(layout, Layout):
             raise ValueError(f"layout must be a Layout, got {type(layout).__name__}")
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
@@ -565,8 +652,13 @@ class Archive:
             raise ValueError(f"block_tokens must be in [1, 2**24], got {block_tokens!r}")
         if mode not in ("disk", "ram"):
             raise ValueError(f"mode must be 'disk' or 'ram', got {mode!r}")
+        if rotation is None:
+            rotation = codec.rotation_matrix(layout.head_dim, 0)
+        rotation = _as_float32(rotation, "rotation")
+        if problem := _rotation_problem(rotation, layout.head_dim):
+            raise ValueError(f"rotation {problem}")
         args = dict(layout=layout, model_fingerprint=model_fingerprint, meta=meta, mode=mode, writable=True,
-                    block_tokens=block_tokens, archive_uuid=uuidlib.uuid4().hex)
+                    block_tokens=block_tokens, archive_uuid=uuidlib.uuid4().hex, rotation=rotation)
         if mode == "ram":
             return cls(path=None, **args)
         path = Path(path)
@@ -641,7 +733,8 @@ class Archive:
                 m = _parse_manifest(raw, f"manifest {path / MANIFEST_NAME}")
                 _check_fingerprint(path, m, model_fingerprint)
                 arc = cls(path=path, layout=m.layout, model_fingerprint=m.model_fingerprint, meta=m.meta,
-                          mode="disk", writable=writable, block_tokens=m.block_tokens, archive_uuid=m.archive_uuid)
+                          mode="disk", writable=writable, block_tokens=m.block_tokens, archive_uuid=m.archive_uuid,
+                          rotation=m.rotation)
                 arc._lock_fd = lock_fd
                 try:
                     arc._load(m, raw)
@@ -666,6 +759,7 @@ class Archive:
         for layer, sums in enumerate(m.block_sums):
             file = path / shard_name(layer)
             lay = self._layers[layer]
+            lay.key_mean = m.key_means[layer]
             try:
                 lay.fd = _open_regular(file, os.O_RDWR if writable else os.O_RDONLY)
             except FileNotFoundError:
@@ -790,6 +884,16 @@ class Archive:
         lay = self._layer(layer)
         return _read_only(lay.weights[: lay.n])
 
+    @property
+    def rotation(self) -> np.ndarray:
+        """The codec's R, float32 [head_dim, head_dim], read-only: records hold codes of R (k - mu)."""
+        return _read_only(self._rotation)
+
+    def key_mean(self, layer: int) -> np.ndarray | None:
+        """The codec's mu for one layer, float32 [n_kv_heads, head_dim], read-only; None until set_key_mean."""
+        mean = self._layer(layer).key_mean
+        return None if mean is None else _read_only(mean)
+
     def _map(self, lay: _Layer) -> np.ndarray:
         """(Re)map a shard's whole capacity; old views stay valid (they keep their own mapping alive)."""
         shape = (lay.capacity, self.layout.n_kv_heads, self.layout.record_bytes)
@@ -834,22 +938,47 @@ class Archive:
         never writes to this archive's directory (`ikv run --resume --read-only`)."""
         self._check_open()
         copy = Archive.create(None, self.layout, self.model_fingerprint, mode="ram", meta=self.meta,
-                              block_tokens=self.block_tokens)
-        for layer in range(self.layout.n_layers):
-            copy.append(layer, np.array(self.records(layer)[: self.committed_tokens]))
+                              block_tokens=self.block_tokens, rotation=self._rotation)
+        for layer, lay in enumerate(self._layers):
+            if lay.committed_key_mean is not None:
+                copy.set_key_mean(layer, lay.committed_key_mean)
+            if self.committed_tokens:
+                copy.append(layer, np.array(self.records(layer)[: self.committed_tokens]))
         copy.commit(*self.load_state())
         return copy
 
     # ----------------------------------------------------------------------------------------------- writing
 
+    def set_key_mean(self, layer: int, mean: np.ndarray) -> None:
+        """Fix one layer's key centre mu (float [n_kv_heads, head_dim], stored as float32); once per layer, before its
+        first append. Setting the same value again does nothing; another value is refused (records depend on it).
+
+        Like an append, it is visible at once and durable at the next commit; a rollback to a commit that did not
+        hold it forgets it.
+        """
+        self._check_writable()
+        lay = self._layer(layer)
+        mean = _as_float32(mean, "key mean")
+        if problem := _key_mean_problem(mean, self.layout):
+            raise ValueError(f"key mean of layer {layer} {problem}")
+        if lay.key_mean is None:
+            lay.key_mean = mean
+        elif not np.array_equal(lay.key_mean, mean):
+            raise ValueError(f"layer {layer} already has another key mean, and records are coded against it; "
+                             "a key mean is fixed for the life of an archive (start a new archive for a new one)")
+
     def append(self, layer: int, records: np.ndarray) -> None:
-        """Append records (uint8 [n, n_kv_heads, record_bytes]) for the next n tokens of one layer.
+        """Append records (uint8 [n, n_kv_heads, record_bytes]) for the next n tokens of one layer; the layer's key
+        mean must be set first (set_key_mean).
 
         Visible to records()/signatures() at once; durable only after commit(). On a disk error the archive rolls
         back to its last commit (n_tokens == committed_tokens) and raises IKVError.
         """
         self._check_writable()
         lay = self._layer(layer)
+        if lay.key_mean is None:
+            raise ValueError(f"layer {layer} has no key mean: call set_key_mean({layer}, mu) before its first append "
+                             "(its records are codes of R (k - mu))")
         h, rb = self.layout.n_kv_heads, self.layout.record_bytes
         ok = isinstance(records, np.ndarray) and records.dtype == np.uint8 and records.shape[1:] == (h, rb)
         if not ok or records.ndim != 3:
@@ -953,7 +1082,8 @@ class Archive:
 
     def _manifest(self, *, committed: int, generation: int, state: _StateRef | None) -> _Manifest:
         return _Manifest(self.archive_uuid, self.model_fingerprint, self.layout, self.block_tokens, self.meta,
-                         generation, committed, [lay.block_sums(self.block_tokens) for lay in self._layers], state)
+                         generation, committed, [lay.block_sums(self.block_tokens) for lay in self._layers], state,
+                         self._rotation, [lay.key_mean for lay in self._layers])
 
     def _write_manifest(self, m: _Manifest) -> bytes:
         """Atomically replace MANIFEST: write a temp file, fsync it, rename it over, fsync the directory."""
@@ -1142,6 +1272,8 @@ def inspect_archive(path) -> dict:
         "committed_tokens": n,
         "commits": m.generation,
         "meta": m.meta,
+        "codec": {"rotation": [layout.head_dim, layout.head_dim],  # float32 R; mu per layer, set or not yet
+                  "key_mean_set": [mean is not None for mean in m.key_means]},
         "bytes_per_token": layout.n_layers * layout.token_bytes,
         "tiers": {
             "cold_records": n * layout.n_layers * layout.token_bytes,
@@ -1393,6 +1525,11 @@ def _pack_index(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> li
         if index["pack_version"] > PACK_VERSION:
             raise IKVError(f"{where} has pack version {index['pack_version']} but this InfiniteKV reads "
                            f"{PACK_VERSION} or older; upgrade infinitekv")
+        version = index.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError("no format_version")
+        if version != FORMAT_VERSION:  # refused before anything is written (its MANIFEST would be refused anyway)
+            raise _wrong_version(where, version)
         entries = [(e["name"], e["bytes"], int(e["xxh3"], 16)) for e in index["files"]]
     except IKVError:
         raise

@@ -103,7 +103,6 @@ class LayerMemory:
         self._window_v = empty
         self.window_len = 0
         self.archived = 0  # oldest window tokens that are also cold records
-        self.key_mean: np.ndarray | None = None  # [Hk, D] float32, fixed at the first spill: the signature centre mu
         self.decode_view: DecodeView | None = None
 
     @property
@@ -225,9 +224,10 @@ def selection_queries(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: in
     return turned.view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
 
 
-def decode_cold(archive, layer: int, ids: np.ndarray, memory: LayerMemory, rotation: np.ndarray):
+def decode_cold(archive, layer: int, ids: np.ndarray):
     """Dequantised pre-RoPE keys and values of cold tokens ids [Hk, ...] (each head its own ids): [Hk, ..., D]."""
     records = archive.records(layer)
+    rotation, key_mean = archive.rotation, archive.key_mean(layer)  # the R and mu these records were written with
     n_heads = ids.shape[0]
     head_dim = rotation.shape[0]
     keys = np.empty(ids.shape + (head_dim,), np.float32)
@@ -235,13 +235,13 @@ def decode_cold(archive, layer: int, ids: np.ndarray, memory: LayerMemory, rotat
     for h in range(n_heads):  # each token decoded once, however many queries picked it
         unique, inverse = np.unique(ids[h], return_inverse=True)
         chosen = records[unique, h]
-        keys[h] = (codec.decode_keys_rotated(chosen, head_dim) @ rotation + memory.key_mean[h])[inverse.reshape(
+        keys[h] = (codec.decode_keys_rotated(chosen, head_dim) @ rotation + key_mean[h])[inverse.reshape(
             ids.shape[1:])]
         values[h] = codec.decode_values(chosen, head_dim)[inverse.reshape(ids.shape[1:])]
     return keys, values
 
 
-def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig, rotation: np.ndarray,
+def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
                 retrieved: int) -> np.ndarray:
     """Each query's own cold tokens, per kv-head: ids [Hk, C, r] sorted ascending, r = `retrieved`.
 
@@ -249,7 +249,7 @@ def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: Retr
     block (its mean query); the rerank scores the block's shortlist for every query and the query keeps its best.
     """
     n_heads, length, group, head_dim = q_grouped.shape
-    q_rotated = q_grouped @ rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
+    q_rotated = q_grouped @ archive.rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
     q_summed = q_rotated.sum(axis=2)  # [Hk, C, D]: one first-stage query per kv-head
     block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
     _, shortlist = search.search_many(
@@ -269,13 +269,12 @@ def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: Retr
 
 @dataclass
 class ColdTier:
-    """What every layer's retrieval attention shares: the archive, the settings, the RoPE tables, the records'
-    rotation R, and counters (cold_tokens_attended and query_tokens, summed over layers)."""
+    """What every layer's retrieval attention shares: the archive (its records, and the R and mu that decode them),
+    the settings, the RoPE tables, and counters (cold_tokens_attended and query_tokens, summed over layers)."""
 
     archive: object
     config: RetrievalConfig
     rope: Rope
-    rotation: np.ndarray
     counters: dict
 
 
@@ -293,7 +292,7 @@ def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v
     end = s + n_cold - memory.archived + memory.window_len + length  # the sequence's length after this chunk
     dense = config.top_k_cold > 0 and end <= config.dense_up_to
     if dense and memory.archived < n_cold:  # resumed from an archive: the window gets its cold tokens back
-        restore_exact_window(memory, archive, layer, n_cold, cold.rotation)
+        restore_exact_window(memory, archive, layer, n_cold)
     if not dense:
         memory.drop_archived()
     retrieved = 0 if dense else min(config.top_k_cold, n_cold)
@@ -313,11 +312,11 @@ def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v
     return out
 
 
-def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int, rotation: np.ndarray) -> None:
+def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int) -> None:
     """Put the cold tokens the window lacks back in front of it, dequantised (after a resume inside the span)."""
     missing = n_cold - memory.archived
     ids = np.broadcast_to(np.arange(missing), (memory.sink_k.shape[0], missing))
-    keys, values = decode_cold(archive, layer, ids, memory, rotation)
+    keys, values = decode_cold(archive, layer, ids)
     as_tensor = lambda a: torch.from_numpy(a).to(memory.sink_k.device, memory.sink_k.dtype)  # noqa: E731
     memory.set_window(torch.cat([as_tensor(keys), memory.window_k], dim=1),
                       torch.cat([as_tensor(values), memory.window_v], dim=1), archived=n_cold)
@@ -328,8 +327,8 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
     q_grouped = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
-    ids = select_cold(cold.archive, layer, q_grouped, blocks, cold.config, cold.rotation, retrieved)
-    keys, values = decode_cold(cold.archive, layer, ids, memory, cold.rotation)
+    ids = select_cold(cold.archive, layer, q_grouped, blocks, cold.config, retrieved)
+    keys, values = decode_cold(cold.archive, layer, ids)
     device, dtype = q.device, q.dtype
     keys = cold.rope.rotate(torch.from_numpy(keys).to(device, dtype), s)
     return keys, torch.from_numpy(values).to(device, dtype)
@@ -430,7 +429,7 @@ def update_hot_tier(cold: ColdTier, layer: int, memory: LayerMemory, k: torch.Te
                     dense: bool) -> None:
     """Append the chunk to the hot tier; write the oldest window tokens to the cold tier in batches (and, unless
     attention is exact, drop them from the window)."""
-    archive, config, rotation = cold.archive, cold.config, cold.rotation
+    archive, config = cold.archive, cold.config
     missing_sinks = max(0, config.sinks - memory.sink_k.shape[1])
     if missing_sinks:
         memory.sink_k = torch.cat([memory.sink_k, k[:, :missing_sinks]], dim=1)
@@ -441,14 +440,14 @@ def update_hot_tier(cold: ColdTier, layer: int, memory: LayerMemory, k: torch.Te
     if unarchived >= config.hot_window + config.evict_batch:
         spill = unarchived - config.hot_window
         begin = memory.archived
-        if memory.key_mean is None:
+        if archive.key_mean(layer) is None:
             # centre of this layer's signatures: the mean pre-RoPE key of the first window we spill from (sinks are
             # outliers by design, so they are left out); any fixed centre keeps q.(k - mu) rank-equal to q.k
-            memory.key_mean = memory.window_k[:, begin:].float().mean(dim=1).cpu().numpy()
+            archive.set_key_mean(layer, memory.window_k[:, begin:].float().mean(dim=1).cpu().numpy())
         spilled_k = memory.window_k[:, begin : begin + spill].float().cpu().numpy().transpose(1, 0, 2)  # [n, Hk, D]
         spilled_v = memory.window_v[:, begin : begin + spill].float().cpu().numpy().transpose(1, 0, 2)
         n, n_heads, head_dim = spilled_k.shape
-        centred_rotated = (spilled_k - memory.key_mean[None]) @ rotation.T
+        centred_rotated = (spilled_k - archive.key_mean(layer)[None]) @ archive.rotation.T
         records = codec.encode_records(centred_rotated.reshape(n * n_heads, head_dim),
                                        spilled_v.reshape(n * n_heads, head_dim))
         archive.append(layer, records.reshape(n, n_heads, -1))

@@ -25,6 +25,7 @@ from infinitekv.tasks import KINDS, ROOM, make_case, score
 
 def gate_weights(loaded: LoadedModel, config: RetrievalConfig) -> dict:
     """SHA-256 over every weight tensor before enabling and after disabling must be byte-identical."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     before = weights_sha256(loaded.model)
     ids = loaded.tokenizer(english_text(4000), add_special_tokens=False)["input_ids"][:600]
     with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, mode="ram", fingerprint=before) as session:
@@ -70,6 +71,7 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
                   positions: int = 256) -> dict:
     """Teacher-forced KL and top-1 agreement against the unmodified model over the last `positions` tokens of
     real English text; the last positions go through the decode path, one token at a time, as generation does."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     model, tokenizer = loaded.model, loaded.tokenizer
     metrics, per_length = {}, {}
     for length in lengths:
@@ -125,6 +127,7 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
                   unmodified_up_to: int = 8192, heatmap: Path | None = None) -> dict:
     """A grid of lengths x depths: retrieval on (disk archive), retrieval off (--top-k-cold 0), and the unmodified
     model where the length fits its trained window."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     cells = []
     off = RetrievalConfig(**{**asdict(config), "top_k_cold": 0})
     with tempfile.TemporaryDirectory(prefix="ikv-passkey-") as scratch:
@@ -164,6 +167,7 @@ def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 819
     """The task suite (`tasks.py`) at each length (the whole conversation, answer included, fits it): the engine, the
     engine with cold retrieval off (sinks + window), and the unmodified model where the prompt fits its trained
     window. Scores are fractions of expected values."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     from infinitekv.adapters import trained_window
 
     unmodified_up_to = unmodified_up_to or trained_window(loaded.model.config)
@@ -227,6 +231,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
     """Share of the exact softmax mass on sinks + window + retrieved tokens, per layer and kv-head, for decode
     queries and prefill blocks, against the oracle (the exact best cold tokens, as many) and the hot tier alone.
     Retrieval is measured at every length, also inside `dense_up_to` where the engine itself attends exactly."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     from infinitekv import codec
     from infinitekv.attention import Rope, select_blocks, select_cold, selection_queries
     from infinitekv.coverage import ColdRecords, covered_mass
@@ -261,8 +266,8 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
                     retrieved = min(config.top_k_cold, n_cold)
                     q_block = q_pre[:, first : t + 1]  # [Hq, C, D]
                     q_grouped = selection_queries(q_block, w + (retrieved + 1) // 2, rope, n_kv)
-                    picked = select_cold(ColdRecords(records[:n_cold], head_dim), layer, q_grouped,
-                                         select_blocks(q_block.shape[1], block), config, rotation, retrieved)
+                    picked = select_cold(ColdRecords(records[:n_cold], head_dim, rotation), layer, q_grouped,
+                                         select_blocks(q_block.shape[1], block), config, retrieved)
                     q_last = rope.rotate(q_pre[:, t : t + 1], int(t))[:, 0]  # [Hq, D]: the block's last query
                     logits = (q_last.view(n_kv, -1, head_dim) @ keys_roped[:, : t + 1].transpose(1, 2)).numpy()
                     hot = np.zeros(t + 1, dtype=bool)
@@ -338,6 +343,7 @@ def _draw_heatmap(cells, lengths, depths, path: Path) -> None:
 
 def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 12288) -> dict:
     """The memory bill after reading `tokens` tokens of text into a disk archive."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     ids = loaded.tokenizer(english_text(tokens * 8), add_special_tokens=False)["input_ids"][:tokens]
     with tempfile.TemporaryDirectory(prefix="ikv-memory-") as scratch:
         archive_dir = Path(scratch) / "mem"
@@ -371,6 +377,7 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
 
     The baseline runs only up to `baseline_up_to` tokens: past that its cache outgrows what we want to hold, and
     past 8,192 its answers are gibberish anyway. Decode latency is the median over `decode_steps` greedy steps."""
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     model, tokenizer = loaded.model, loaded.tokenizer
     text_ids = tokenizer(english_text(max(lengths) * 8), add_special_tokens=False)["input_ids"]
     rows, metrics = [], {}

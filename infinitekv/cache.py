@@ -35,12 +35,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from infinitekv import adapters, codec
+from infinitekv import adapters
 from infinitekv.attention import ColdTier, LayerMemory, RetrievalConfig, Rope, retrieval_attention, unrotate
 from infinitekv.errors import IKVError
 
 ATTENTION = "infinitekv"
-STATE_VERSION = 3  # 3: the conversation fields are optional (a cache driven by model.generate has none)
+STATE_VERSION = 3  # 3: conversation fields optional (model.generate has none); R and mu moved to the archive
 _STATE_KEYS = frozenset({"state_version", "config", "transcript", "messages", "pending"})
 
 # attention module -> (cache, cos, sin) for the call in flight; set by the module's pre-hook, read once by the
@@ -115,7 +115,7 @@ class _Snapshot:
 
     token_ids: list
     records: int  # archive tokens per layer at that point
-    layers: list  # per layer: (sink_k, sink_v, window_k, window_v, archived, key_mean)
+    layers: list  # per layer: (sink_k, sink_v, window_k, window_v, archived)
 
 
 class _Tail:
@@ -136,7 +136,7 @@ class InfiniteKVCache(Cache):
         self.device, self.dtype = parameter.device, parameter.dtype
         self.counters = Counters()
         self.cold = ColdTier(archive, config, Rope(adapters.rotary_embedding(model), self.dtype, self.device),
-                             codec.rotation_matrix(self.layout.head_dim, config.rotation_seed), self.counters.extra)
+                             self.counters.extra)
         memories = [LayerMemory(self.layout.n_kv_heads, self.layout.head_dim, self.device, self.dtype)
                     for _ in range(self.layout.n_layers)]
         super().__init__(layers=[RetrievalLayer(self, i, m) for i, m in enumerate(memories)])
@@ -156,10 +156,6 @@ class InfiniteKVCache(Cache):
     @property
     def config(self) -> RetrievalConfig:
         return self.cold.config
-
-    @property
-    def rotation(self) -> np.ndarray:
-        return self.cold.rotation
 
     @property
     def memories(self) -> list[LayerMemory]:
@@ -223,15 +219,13 @@ class InfiniteKVCache(Cache):
     def commit(self, extra_arrays: dict | None = None, extra_meta: dict | None = None) -> None:
         """Make the archive's records and this cache's hot tier one durable point (a restore point in RAM)."""
         self._check_tail()
-        arrays = {"token_ids": np.asarray(self.token_ids, dtype=np.int64), "rotation": self.rotation}
+        arrays = {"token_ids": np.asarray(self.token_ids, dtype=np.int64)}
         for index, memory in enumerate(self.memories):
             # the window's archived tokens are in the records already: a resume decodes them from there
             hot = {"sink_k": memory.sink_k, "sink_v": memory.sink_v,
                    "window_k": memory.window_k[:, memory.archived :], "window_v": memory.window_v[:, memory.archived :]}
             for name, tensor in hot.items():
                 arrays[f"layer{index}.{name}"] = tensor.float().cpu().numpy()
-            if memory.key_mean is not None:
-                arrays[f"layer{index}.key_mean"] = memory.key_mean
         arrays.update(extra_arrays or {})
         meta = {"state_version": STATE_VERSION, "config": asdict(self.config), **(extra_meta or {})}
         self.archive.commit(arrays, meta)
@@ -240,16 +234,15 @@ class InfiniteKVCache(Cache):
         self._snapshot()
 
     def _snapshot(self) -> None:
-        layers = [(m.sink_k.clone(), m.sink_v.clone(), m.window_k.clone(), m.window_v.clone(), m.archived,
-                   None if m.key_mean is None else m.key_mean.copy()) for m in self.memories]
+        layers = [(m.sink_k.clone(), m.sink_v.clone(), m.window_k.clone(), m.window_v.clone(), m.archived)
+                  for m in self.memories]
         self._committed = _Snapshot(list(self.token_ids), self.archive.committed_tokens, layers)
 
     def _load_snapshot(self, snapshot: _Snapshot) -> None:
         self.token_ids = list(snapshot.token_ids)
-        for memory, (sink_k, sink_v, window_k, window_v, archived, key_mean) in zip(self.memories, snapshot.layers):
+        for memory, (sink_k, sink_v, window_k, window_v, archived) in zip(self.memories, snapshot.layers):
             memory.sink_k, memory.sink_v = sink_k.clone(), sink_v.clone()
             memory.set_window(window_k, window_v, archived)
-            memory.key_mean = None if key_mean is None else key_mean.copy()
         self._base = snapshot.records
 
     def restore(self) -> tuple[dict, dict]:
@@ -271,14 +264,12 @@ class InfiniteKVCache(Cache):
                     f"--{name.replace('_', '-')} {getattr(self.config, name)} differs from the archive's "
                     f"{getattr(saved, name)}; resume with the archive's settings"
                 )
-        self.cold.rotation = arrays["rotation"]
         self.token_ids = arrays["token_ids"].tolist()
         for index, memory in enumerate(self.memories):
             tensors = {name: torch.from_numpy(arrays[f"layer{index}.{name}"]).to(self.device, self.dtype)
                        for name in ("sink_k", "sink_v", "window_k", "window_v")}
             memory.sink_k, memory.sink_v = tensors["sink_k"], tensors["sink_v"]
             memory.set_window(tensors["window_k"], tensors["window_v"])
-            memory.key_mean = arrays.get(f"layer{index}.key_mean")
         self._base = self.archive.committed_tokens
         self._snapshot()
         self.restored = ({"pending_ids": arrays["pending_ids"]} if "pending_ids" in arrays else {}), meta
@@ -312,7 +303,6 @@ class InfiniteKVCache(Cache):
         if model is None:
             raise IKVError("the model this cache belongs to is gone; open a new cache with infinitekv.enable")
         other = InfiniteKVCache(model, self.archive, self.config, self.fingerprint, _tail=self._tail)
-        other.cold.rotation = self.rotation
         if self._committed is not None:
             other._committed = self._committed
             other._load_snapshot(self._committed)
@@ -360,7 +350,7 @@ def checked_state(arrays: dict, meta: dict, n_layers: int, where) -> RetrievalCo
                      else "no settings")
     if not isinstance(meta.get("transcript", ""), str) or not isinstance(meta.get("messages", []), list):
         raise refuse("a malformed transcript")
-    needed = ["token_ids", "rotation"] + [f"layer{i}.{name}" for i in range(n_layers)
+    needed = ["token_ids"] + [f"layer{i}.{name}" for i in range(n_layers)
                                            for name in ("sink_k", "sink_v", "window_k", "window_v")]
     if meta.get("pending") is not None:
         if not isinstance(meta["pending"], dict) or not isinstance(meta["pending"].get("inputs"), dict):

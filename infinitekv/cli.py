@@ -113,7 +113,7 @@ def sign(
 
 def _top_k(value: str) -> int:
     if value == "auto":
-        return RetrievalConfig.top_k_cold
+        return None  # derived from the model (RetrievalConfig.for_model)
     if not re.fullmatch(r"[0-9]{1,9}", value):
         raise IKVError(f"--top-k-cold must be 'auto' or a whole number >= 0, got '{value}'")
     return int(value)
@@ -207,11 +207,12 @@ def run(
     read_only: bool = typer.Option(False, "--read-only", help="With --resume: answer from the archive without "
                                    "writing to it (the turn is not saved)."),
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
-    hot_window: int = typer.Option(RetrievalConfig.hot_window, help="Most recent tokens kept exact."),
+    hot_window: Optional[int] = typer.Option(None, help="Most recent tokens kept exact (default: from the model)."),
     sinks: int = typer.Option(RetrievalConfig.sinks, help="First tokens kept exact (attention sinks)."),
     top_k_cold: str = typer.Option("auto", help="Cold tokens retrieved per kv-head per step: auto, N, or 0 to disable."),
-    shortlist: int = typer.Option(RetrievalConfig.shortlist, help="First-stage candidates per kv-head before rerank."),
-    chunk_size: int = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size in tokens."),
+    shortlist: Optional[int] = typer.Option(None, help="First-stage candidates per kv-head before rerank (default: "
+                                            "16 x top-k-cold)."),
+    chunk_size: Optional[int] = typer.Option(None, help="Prefill chunk size in tokens (default: from the model)."),
     dense_up_to: str = typer.Option("auto", help="Exact attention while the whole sequence fits this many tokens: "
                                     "auto (the model's trained window), N, or 0 to retrieve from the start."),
     checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help="Commit a disk archive every N prefill chunks, so "
@@ -450,7 +451,7 @@ def haystack(
 
 # ---- gates and benchmarks: each writes a receipt ----------------------------------------------------------------
 
-def _bench_config(hot_window: int, top_k_cold: str, shortlist: int, chunk_size: int,
+def _bench_config(hot_window: Optional[int], top_k_cold: str, shortlist: Optional[int], chunk_size: Optional[int],
                   dense_up_to: str = "auto") -> RetrievalConfig:
     return RetrievalConfig(hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist,
                            chunk_size=chunk_size, dense_up_to=_dense_up_to(dense_up_to))
@@ -513,10 +514,10 @@ def _model_free_bench(kind: str, receipt: Optional[Path], work) -> tuple[dict, P
 
 _MODEL = typer.Option(DEFAULT_MODEL, help="Model to measure (see `ikv run --help`).")
 _RECEIPT = typer.Option(None, help="Where to write the receipt (default: receipts/<kind>-<time>.json).")
-_HOT = typer.Option(RetrievalConfig.hot_window, help="Hot window.")
+_HOT = typer.Option(None, help="Hot window (default: from the model).")
 _TOPK = typer.Option("auto", help="Cold tokens retrieved per kv-head: auto, N, or 0.")
-_SHORT = typer.Option(RetrievalConfig.shortlist, help="First-stage shortlist per kv-head.")
-_CHUNK = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size.")
+_SHORT = typer.Option(None, help="First-stage shortlist per kv-head (default: 16 x top-k).")
+_CHUNK = typer.Option(None, help="Prefill chunk size (default: from the model).")
 _DENSE = typer.Option("auto", help="Exact attention up to this many tokens: auto (the model's trained window), N, 0.")
 
 
@@ -539,8 +540,8 @@ def bench_equivalence(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
 
 
 @bench_app.command("quality")
-def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK, dense_up_to: str = _DENSE,
+def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+                  top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,
                   lengths: str = typer.Option("2048,4096,8192", help="Context lengths, comma-separated."),
                   positions: int = typer.Option(256, help="Teacher-forced positions at the end of each text.")) -> None:
     """KL divergence and top-1 agreement against the unmodified model on real English text."""
@@ -552,8 +553,8 @@ def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
 
 
 @bench_app.command("passkey")
-def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                  top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK, dense_up_to: str = _DENSE,
+def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+                  top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,
                   lengths: str = typer.Option("4096,12288", help="Context lengths, comma-separated."),
                   depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, comma-separated."),
                   heatmap: Optional[Path] = typer.Option(None, help="PNG heatmap path (default: beside the receipt).")) -> None:
@@ -569,8 +570,8 @@ def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
 
 
 @bench_app.command("tasks")
-def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK, dense_up_to: str = _DENSE,
+def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+                top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,
                 lengths: str = typer.Option("4096,8192,12288,32768", help="Context lengths, comma-separated."),
                 kinds: str = typer.Option(",".join(KINDS), help="Task kinds, comma-separated."),
                 cases: int = typer.Option(1, help="Cases per kind and length."),
@@ -588,23 +589,23 @@ def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
 
 
 @bench_app.command("coverage")
-def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                   top_k_cold: str = _TOPK, shortlist: int = _SHORT,
+def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+                   top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT,
                    lengths: str = typer.Option("2048,4096,8192,12288", help="Context lengths, comma-separated."),
                    queries: int = typer.Option(16, help="Query positions measured per length, near the end."),
                    heatmap: Optional[Path] = typer.Option(None, help="PNG path (default: beside the receipt).")) -> None:
     """Share of the exact attention mass that sinks + window + retrieved tokens cover, per layer and kv-head."""
     from infinitekv import bench, receipts
 
-    config = _bench_config(hot_window, top_k_cold, shortlist, RetrievalConfig.chunk_size)
+    config = _bench_config(hot_window, top_k_cold, shortlist, None)
     path = receipt or receipts.default_receipt_path("coverage")
     _bench("coverage", model, path, lambda loaded: bench.bench_coverage(
         loaded, config, tuple(int(x) for x in lengths.split(",")), queries, heatmap=heatmap or path.with_suffix(".png")))
 
 
 @bench_app.command("memory")
-def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                 top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+                 top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK,
                  tokens: int = typer.Option(12288, help="Tokens to read into a disk archive.")) -> None:
     """The memory bill: bytes on device, resident in RAM, on disk, against the fp16 KV cache."""
     from infinitekv import bench
@@ -614,8 +615,8 @@ def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_wi
 
 
 @bench_app.command("speed")
-def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: int = _HOT,
-                top_k_cold: str = _TOPK, shortlist: int = _SHORT, chunk_size: int = _CHUNK,
+def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+                top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK,
                 lengths: str = typer.Option("4096,12288,32768", help="Context lengths, comma-separated."),
                 baseline_up_to: int = typer.Option(12288, help="Longest context the full-cache baseline runs."),
                 decode_steps: int = typer.Option(16, help="Decode steps timed per length (median).")) -> None:
@@ -651,9 +652,9 @@ def serve(
     max_body_bytes: int = typer.Option(4 << 20, help="Largest request body accepted (413 beyond)."),
     max_tokens_limit: int = typer.Option(2048, help="Largest max_tokens a request may ask for."),
     max_queue: int = typer.Option(64, help="Turns waiting or running at once; more get 503."),
-    hot_window: int = typer.Option(RetrievalConfig.hot_window, help="Most recent tokens kept exact."),
+    hot_window: Optional[int] = typer.Option(None, help="Most recent tokens kept exact (default: from the model)."),
     top_k_cold: str = typer.Option("auto", help="Cold tokens retrieved per kv-head per step: auto, N, or 0."),
-    chunk_size: int = typer.Option(RetrievalConfig.chunk_size, help="Prefill chunk size in tokens."),
+    chunk_size: Optional[int] = typer.Option(None, help="Prefill chunk size in tokens (default: from the model)."),
 ) -> None:
     """OpenAI-compatible chat server (/v1/chat/completions, /v1/models, /health) whose conversations are archives.
 

@@ -21,11 +21,13 @@ import numpy as np
 
 class ColdRecords:
     """Cold records held in memory, seen through the archive's read interface (what `attention.select_cold`
-    reads): records [N, H, record_bytes] and the signatures and weights derived from them."""
+    reads): records [N, H, record_bytes], the signatures and weights derived from them, and the rotation R they
+    were written with."""
 
-    def __init__(self, records: np.ndarray, head_dim: int):
+    def __init__(self, records: np.ndarray, head_dim: int, rotation: np.ndarray):
         from infinitekv import codec
 
+        self.rotation = rotation
         self._records = records
         self._signatures = codec.signatures_from_records(records, head_dim)
         self._weights = codec.key_mean_abs(records, head_dim).astype(np.float16)

@@ -25,7 +25,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from infinitekv import adapters
+from infinitekv import adapters, codec
 from infinitekv.archive import Archive, Layout
 from infinitekv.attention import RetrievalConfig
 from infinitekv.cache import ATTENTION, InfiniteKVCache, begin_model_forward, route_attention, timed_forward
@@ -247,7 +247,15 @@ def check_budget(model, config: RetrievalConfig) -> None:
             raise IKVError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
 
 
-def _open_archive(model, archive, mode: str, resume: bool, fingerprint: str) -> tuple[Archive, bool]:
+def new_archive(path, model, fingerprint: str, rotation_seed: int = 0) -> Archive:
+    """An empty archive for `model`'s cache: on disk at `path`, or in RAM when path is None."""
+    layout = model_layout(model)
+    return Archive.create(path, layout, fingerprint, mode="ram" if path is None else "disk",
+                          rotation=codec.rotation_matrix(layout.head_dim, rotation_seed))
+
+
+def _open_archive(model, archive, mode: str, resume: bool, fingerprint: str,
+                  rotation_seed: int) -> tuple[Archive, bool]:
     """The archive to use and whether enable() owns (and so closes) it."""
     if isinstance(archive, Archive):
         store, owned = archive, False
@@ -256,8 +264,7 @@ def _open_archive(model, archive, mode: str, resume: bool, fingerprint: str) -> 
             raise IKVError("--resume needs --archive pointing at an existing archive directory")
         store, owned = Archive.open(archive, model_fingerprint=fingerprint, writable=True), True
     else:
-        store, owned = Archive.create(archive if mode == "disk" else None, model_layout(model), fingerprint,
-                                      mode=mode), True
+        store, owned = new_archive(archive if mode == "disk" else None, model, fingerprint, rotation_seed), True
     if store.layout != model_layout(model):
         if owned:
             store.close()
@@ -279,7 +286,7 @@ def enable(model, *, archive: str | Archive | None = None, mode: str = "disk", c
     config = RetrievalConfig.for_model(model.config, **asdict(config or RetrievalConfig()))
     check_budget(model, config)
     fingerprint = fingerprint or weights_sha256(model)
-    store, owned = _open_archive(model, archive, mode, resume, fingerprint)
+    store, owned = _open_archive(model, archive, mode, resume, fingerprint, config.rotation_seed)
     previous = model.config._attn_implementation
     handles = []
     try:
@@ -305,7 +312,7 @@ def enable(model, *, archive: str | Archive | None = None, mode: str = "disk", c
 def _fresh_cache_unless_given(config: RetrievalConfig, fingerprint: str):
     def prepare(model, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            ram = Archive.create(None, model_layout(model), fingerprint, mode="ram")
+            ram = new_archive(None, model, fingerprint, config.rotation_seed)
             model_kwargs["past_key_values"] = InfiniteKVCache(model, ram, config, fingerprint)
         return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 

@@ -66,6 +66,8 @@ class Tally:
 
 def _seed_archive(path: Path, rng: np.random.Generator, tokens: int) -> None:
     with Archive.create(path, LAYOUT, "fuzz-model", block_tokens=16) as arc:
+        for layer in range(LAYOUT.n_layers):
+            arc.set_key_mean(layer, rng.standard_normal((LAYOUT.n_kv_heads, HEAD_DIM)).astype(np.float32))
         done = 0
         while done < tokens:
             step = int(rng.integers(1, 30))

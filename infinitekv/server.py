@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -367,7 +367,7 @@ class Worker:
     @contextlib.contextmanager
     def _session(self, conversation: str | None):
         from infinitekv.archive import MANIFEST_NAME, Archive
-        from infinitekv.engine import open_session, model_layout
+        from infinitekv.engine import new_archive, open_session
 
         loaded, config = self.loaded, self.options.config
         common = dict(tokenizer=loaded.tokenizer, config=config, fingerprint=loaded.weights_sha256)
@@ -379,7 +379,7 @@ class Worker:
         if (path / MANIFEST_NAME).exists():
             store = Archive.open(path, model_fingerprint=loaded.weights_sha256, writable=True)
         else:
-            store = Archive.create(path, model_layout(loaded.model), loaded.weights_sha256)
+            store = new_archive(path, loaded.model, loaded.weights_sha256, config.rotation_seed)
         try:
             # an archive is created before its first turn commits; with no commit yet there is nothing to resume
             with open_session(loaded.model, archive=store, resume=store.generation > 0, **common) as session:
@@ -679,6 +679,7 @@ def serve(options: ServeOptions) -> None:
     loaded = load_model(options.model)
     if not getattr(loaded.tokenizer, "chat_template", None):
         raise IKVError(f"model {options.model} has no chat template; ikv serve needs an instruct (chat) model")
+    options.config = RetrievalConfig.for_model(loaded.model.config, **asdict(options.config))
     check_budget(loaded.model, options.config)
     worker = Worker(loaded, options, served_model_id(options.model))
     host, port = sock.getsockname()[:2]

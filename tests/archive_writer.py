@@ -1,8 +1,9 @@
 """A real archive writer for the crash and lock tests, deterministic so a checker can tell what it wrote.
 
 Token t of layer l always gets the same record bytes (`expected_records`), however the writer chunked its appends,
-and the state committed at n tokens is `expected_state(n)`. So after a crash at any instant, a reopened archive at
-n committed tokens must hold exactly expected_records(l, 0, n) and expected_state(n).
+layer l's key mean is always `expected_key_mean(l)`, and the state committed at n tokens is `expected_state(n)`. So
+after a crash at any instant, a reopened archive at n committed tokens must hold exactly expected_records(l, 0, n),
+those key means and expected_state(n).
 
     python tests/archive_writer.py write PATH SEED   # append + commit until killed; prints each committed count
     python tests/archive_writer.py hold PATH         # open for writing, print "ready", sleep until killed
@@ -41,14 +42,24 @@ def expected_records(layer: int, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def expected_key_mean(layer: int) -> np.ndarray:
+    """float32 [n_kv_heads, head_dim]: layer l's key centre mu, distinct per layer."""
+    return np.linspace(-1, 1, LAYOUT.n_kv_heads * HEAD_DIM, dtype=np.float32).reshape(LAYOUT.n_kv_heads, -1) + layer
+
+
 def expected_state(n: int) -> tuple[dict[str, np.ndarray], dict]:
     return {"token_ids": np.arange(n, dtype=np.int32), "hot": np.full((2, 3), n, np.float32)}, {"n": n}
 
 
 def create_or_open(path: str) -> Archive:
+    """The archive at path, ready to append to: every layer's key mean set (again, after a crash lost it)."""
     if os.path.exists(os.path.join(path, "MANIFEST")):
-        return Archive.open(path, model_fingerprint=FINGERPRINT)
-    return Archive.create(path, LAYOUT, FINGERPRINT, block_tokens=BLOCK_TOKENS)
+        arc = Archive.open(path, model_fingerprint=FINGERPRINT)
+    else:
+        arc = Archive.create(path, LAYOUT, FINGERPRINT, block_tokens=BLOCK_TOKENS)
+    for layer in range(LAYOUT.n_layers):
+        arc.set_key_mean(layer, expected_key_mean(layer))  # a no-op where it is already set
+    return arc
 
 
 def write_until_killed(path: str, seed: int, report_fd: int) -> None:

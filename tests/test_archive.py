@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import mmap
 import os
+import signal
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +31,19 @@ from infinitekv.errors import IKVError
 HEAD_DIM = 16
 LAYOUT = Layout(n_layers=3, n_kv_heads=2, head_dim=HEAD_DIM, record_bytes=codec.record_bytes(HEAD_DIM))
 FINGERPRINT = "smollm2-135m-instruct:0123456789abcdef"
+
+
+def key_mean(layer: int, layout: Layout = LAYOUT) -> np.ndarray:
+    """Layer l's key centre mu in these tests: float32 [n_kv_heads, head_dim], distinct per layer."""
+    return np.random.default_rng(100 + layer).standard_normal((layout.n_kv_heads, layout.head_dim)).astype(np.float32)
+
+
+def new_archive(path, layout: Layout = LAYOUT, **kwargs) -> Archive:
+    """Archive.create with every layer's key mean set: ready to append to."""
+    arc = Archive.create(path, layout, FINGERPRINT, **kwargs)
+    for layer in range(layout.n_layers):
+        arc.set_key_mean(layer, key_mean(layer, layout))
+    return arc
 
 
 def encoded_records(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -68,7 +84,7 @@ def make_archive(path, n_committed: int, n_tail: int = 0, seed: int = 0, block_t
     """A closed disk archive with n_committed committed tokens (+ n_tail appended, not committed); its records."""
     rng = np.random.default_rng(seed)
     records = [random_records(rng, n_committed + n_tail) for _ in range(LAYOUT.n_layers)]
-    with Archive.create(path, LAYOUT, FINGERPRINT, block_tokens=block_tokens, meta={"rope_theta": 1e4}) as arc:
+    with new_archive(path, block_tokens=block_tokens, meta={"rope_theta": 1e4}) as arc:
         append_in_chunks(arc, [r[:n_committed] for r in records], rng)
         arc.commit({"token_ids": np.arange(n_committed, dtype=np.int64)}, {"n": n_committed})
         append_in_chunks(arc, [r[n_committed:] for r in records], rng)
@@ -90,7 +106,7 @@ def mapping_of(arr: np.ndarray):
 def test_disk_archive_reopens_with_every_committed_record_and_its_derived_index(tmp_path, block_tokens):
     rng = np.random.default_rng(1)
     records = [encoded_records(rng, 150) for _ in range(LAYOUT.n_layers)]
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT, block_tokens=block_tokens) as arc:
+    with new_archive(tmp_path / "a", block_tokens=block_tokens) as arc:
         append_in_chunks(arc, [r[:100] for r in records], rng)
         arc.commit({"ids": np.arange(100)}, {"n": 100})
         append_in_chunks(arc, [r[100:] for r in records], rng)
@@ -111,7 +127,7 @@ def test_ram_archive_serves_the_same_records_index_and_state_as_disk(tmp_path):
     rng = np.random.default_rng(2)
     records = [encoded_records(rng, 90) for _ in range(LAYOUT.n_layers)]
     state = ({"hot": rng.standard_normal((3, 4)).astype(np.float16)}, {"window": 64})
-    ram = Archive.create(None, LAYOUT, FINGERPRINT, mode="ram")
+    ram = new_archive(None, mode="ram")
     append_in_chunks(ram, records, rng)
     ram.commit(*state)
     assert list(tmp_path.iterdir()) == []
@@ -126,7 +142,7 @@ def test_ram_archive_serves_the_same_records_index_and_state_as_disk(tmp_path):
 
 def test_records_are_a_read_only_memory_map_that_is_remapped_only_when_the_file_grows(tmp_path):
     rng = np.random.default_rng(3)
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+    with new_archive(tmp_path / "a") as arc:
         arc.append(0, random_records(rng, 10))
         first = arc.records(0)
         assert isinstance(mapping_of(first), mmap.mmap), "records() is not backed by a memory map"
@@ -147,7 +163,7 @@ def test_records_are_a_read_only_memory_map_that_is_remapped_only_when_the_file_
 
 def test_signature_index_is_contiguous_and_grows_by_doubling_not_per_append(tmp_path):
     rng = np.random.default_rng(4)
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+    with new_archive(tmp_path / "a") as arc:
         buffers = set()
         for _ in range(2000):
             arc.append(1, random_records(rng, 1))
@@ -164,7 +180,7 @@ def test_resident_index_is_at_most_one_25th_of_the_fp16_kv_it_replaces():
     layout = Layout(n_layers=2, n_kv_heads=4, head_dim=d, record_bytes=codec.record_bytes(d))
     rng = np.random.default_rng(17)
     flat = codec.encode_records(rng.standard_normal((100 * 4, d)), rng.standard_normal((100 * 4, d)))
-    arc = Archive.create(None, layout, FINGERPRINT, mode="ram")
+    arc = new_archive(None, layout, mode="ram")
     for layer in range(layout.n_layers):
         arc.append(layer, flat.reshape(100, 4, -1))
     for layer in range(layout.n_layers):
@@ -236,6 +252,146 @@ def test_block_checksum_mismatch_names_the_file_and_block(tmp_path):
             Archive.open(tmp_path / "a", writable=writable)
 
 
+# ------------------------------------------------------------------------------------------------ the codec's R and mu
+
+
+def assert_codec(arc: Archive, rotation: np.ndarray, means: list) -> None:
+    """The archive serves this rotation and these key means (None: not set), read-only and float32."""
+    assert arc.rotation.dtype == np.float32 and not arc.rotation.flags.writeable
+    np.testing.assert_array_equal(arc.rotation, rotation)
+    for layer, mean in enumerate(means):
+        if mean is None:
+            assert arc.key_mean(layer) is None
+            continue
+        got = arc.key_mean(layer)
+        assert got.dtype == np.float32 and got.shape == (LAYOUT.n_kv_heads, HEAD_DIM) and not got.flags.writeable
+        np.testing.assert_array_equal(got, mean)
+
+
+def test_rotation_and_key_means_survive_commit_reopen_ram_copy_and_pack(tmp_path):
+    rotation = codec.rotation_matrix(HEAD_DIM, 7)  # not the default, so nothing can pass by falling back to it
+    means = [key_mean(layer) for layer in range(LAYOUT.n_layers)]
+    rng = np.random.default_rng(11)
+    records = [encoded_records(rng, 40) for _ in range(LAYOUT.n_layers)]
+    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT, rotation=rotation, block_tokens=16) as arc:
+        for layer, mean in enumerate(means):
+            arc.set_key_mean(layer, mean.astype(np.float64))  # any float array; stored as float32
+        assert_codec(arc, rotation, means)  # visible at once, like appended records
+        append_in_chunks(arc, records, rng)
+        arc.commit({"ids": np.arange(40)}, {})
+    for writable in (True, False):
+        with Archive.open(tmp_path / "a", writable=writable) as arc:
+            assert_codec(arc, rotation, means)
+            copy = arc.ram_copy()
+            assert_codec(copy, rotation, means)
+            assert_serves(copy, records)
+    pack(tmp_path / "a", tmp_path / "a.zst")
+    unpack(tmp_path / "a.zst", tmp_path / "b")
+    with Archive.open(tmp_path / "b", writable=False) as arc:
+        assert_codec(arc, rotation, means)
+    assert inspect_archive(tmp_path / "b")["codec"] == {"rotation": [HEAD_DIM, HEAD_DIM],
+                                                        "key_mean_set": [True] * LAYOUT.n_layers}
+
+
+def test_a_key_mean_committed_before_its_layer_has_records_survives_and_the_default_rotation_is_seed_0(tmp_path):
+    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+        arc.set_key_mean(1, key_mean(1))
+        arc.commit({}, {})
+    with Archive.open(tmp_path / "a") as arc:
+        assert_codec(arc, codec.rotation_matrix(HEAD_DIM, 0), [None, key_mean(1), None])
+        assert arc.ram_copy().key_mean(0) is None
+    assert inspect_archive(tmp_path / "a")["codec"]["key_mean_set"] == [False, True, False]
+
+
+def test_append_before_set_key_mean_is_refused_naming_set_key_mean(tmp_path):
+    for arc in (Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT), Archive.create(None, LAYOUT, FINGERPRINT,
+                                                                                   mode="ram")):
+        with pytest.raises(ValueError, match=r"layer 2 has no key mean: call set_key_mean\(2, mu\)"):
+            arc.append(2, random_records(np.random.default_rng(0), 3))
+        assert arc.layer_tokens(2) == 0
+        arc.set_key_mean(2, key_mean(2))
+        arc.append(2, random_records(np.random.default_rng(0), 3))
+        arc.close()
+
+
+def test_a_set_key_mean_cannot_change_and_a_bad_one_is_refused(tmp_path):
+    with new_archive(tmp_path / "a") as arc:
+        arc.set_key_mean(0, key_mean(0).copy())  # the same value again: nothing happens
+        with pytest.raises(ValueError, match="layer 0 already has another key mean"):
+            arc.set_key_mean(0, key_mean(0) + 1e-3)
+        arc.append(0, random_records(np.random.default_rng(0), 2))
+        with pytest.raises(ValueError, match="already has another key mean"):
+            arc.set_key_mean(0, key_mean(1))
+        np.testing.assert_array_equal(arc.key_mean(0), key_mean(0))
+        mean = key_mean(1)
+        mean[1, 3] = np.nan
+        for bad, needle in [(mean, "not finite"), (np.zeros((2, 8), np.float32), r"shape \[2, 8\]"),
+                            (np.zeros((2, 16), np.int32), "float numpy array"),
+                            ([[0.0] * 16] * 2, "float numpy array")]:
+            with pytest.raises(ValueError, match=needle):
+                arc.set_key_mean(1, bad)
+        assert arc.key_mean(1) is not None  # new_archive set it; the refusals changed nothing
+        with pytest.raises(ValueError):
+            arc.set_key_mean(3, key_mean(0))
+        writable_copy = arc.key_mean(0)
+        with pytest.raises(ValueError):
+            writable_copy[0, 0] = 1.0
+    with Archive.open(tmp_path / "a", writable=False) as reader:
+        with pytest.raises(ValueError, match="read-only"):
+            reader.set_key_mean(0, key_mean(0))
+
+
+@pytest.mark.parametrize("rotation, needle", [
+    (np.eye(8, dtype=np.float32), r"shape \[8, 8\], head_dim 16 needs \[16, 16\]"),
+    (2 * np.eye(HEAD_DIM, dtype=np.float32), "not orthogonal"),
+    (np.full((HEAD_DIM, HEAD_DIM), np.inf, np.float32), "not finite"),
+    (np.eye(HEAD_DIM, dtype=np.int64), "float numpy array"),
+])
+def test_create_refuses_a_rotation_that_is_not_an_orthogonal_head_dim_matrix(tmp_path, rotation, needle):
+    with pytest.raises(ValueError, match=needle):
+        Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT, rotation=rotation)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_key_mean_set_after_the_last_commit_is_forgotten_with_it(tmp_path, monkeypatch):
+    """Crash (kill -9) or a failed commit: a key mean set since the last commit goes the way of the records appended
+    since; a layer whose key mean was committed keeps it."""
+    path = tmp_path / "a"
+    with Archive.create(path, LAYOUT, FINGERPRINT, block_tokens=8) as arc:
+        arc.set_key_mean(0, key_mean(0))
+        arc.commit({}, {})
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a writer killed after it set layer 1's key mean and appended, before it committed
+        try:
+            arc = Archive.open(path)
+            arc.set_key_mean(1, key_mean(1))
+            arc.append(1, random_records(np.random.default_rng(0), 5))
+            os.write(write_fd, b"ready")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(write_fd)
+    assert os.read(read_fd, 5) == b"ready"
+    os.close(read_fd)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with Archive.open(path) as arc:
+        assert arc.key_mean(0) is not None and arc.key_mean(1) is None
+        arc.set_key_mean(1, key_mean(2))  # free again: nothing was coded against the lost one
+        arc.set_key_mean(2, key_mean(2))
+        for layer in range(3):
+            arc.append(layer, random_records(np.random.default_rng(layer), 4))
+        monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        with pytest.raises(IKVError, match="back at its last commit"):
+            arc.commit({}, {})
+        monkeypatch.undo()
+        assert_codec(arc, arc.rotation, [key_mean(0), None, None])
+        assert arc.n_tokens == 0
+    with Archive.open(path, writable=False) as arc:
+        assert_codec(arc, arc.rotation, [key_mean(0), None, None])
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
@@ -270,6 +426,126 @@ def test_open_refuses_a_newer_format_version_naming_both_versions(tmp_path):
     _reseal_manifest(tmp_path / "b", lambda f, b: b.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(IKVError, match=rf"format version {FORMAT_VERSION + 1} .*upgrade"):
         Archive.open(tmp_path / "b")
+
+
+def as_format_version_1(path) -> None:
+    """Turn a closed archive into what format version 1 wrote: no rotation or key means, version 1 in MANIFEST and
+    every shard header (each checksum made valid again)."""
+
+    def strip(fields, body):
+        fields["version"] = body["format_version"] = 1
+        del body["rotation"]
+        for shard in body["shards"]:
+            del shard["key_mean"]
+
+    _reseal_manifest(path, strip)
+    for shard in path.glob("layer-*.ikv"):
+        data = bytearray(shard.read_bytes())
+        data[8:12] = struct.pack("<I", 1)
+        shard.write_bytes(_resealed_header(data))
+
+
+def _resealed_header(shard_bytes: bytearray) -> bytes:
+    """A shard's bytes with its header checksum made valid again after an edit."""
+    head = bytes(shard_bytes[: HEADER_BYTES - 8])
+    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)) + bytes(shard_bytes[HEADER_BYTES:])
+
+
+def hand_pack(src, dst, format_version: int) -> None:
+    """A pack of every file of `src` (MANIFEST first) as `ikv archive pack` lays it out, with no check on what they
+    hold: how a pack of a version-1 archive looks."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    names = [MANIFEST_NAME, *sorted(p.name for p in src.glob("layer-*.ikv")), *(p.name for p in src.glob("state-*"))]
+    members = [(name, (src / name).read_bytes()) for name in names]
+    index = {"pack_version": 1, "format_version": format_version, "committed_tokens": 10, "files": [
+        {"name": name, "bytes": len(data), "xxh3": f"{xxhash.xxh3_64_intdigest(data):016x}"} for name, data in members]}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("IKVPACK.json", json.dumps(index).encode()), *members]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dst.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(raw.getvalue()))
+
+
+def test_a_format_version_1_archive_or_pack_is_refused_with_one_line_naming_both_versions_and_the_fix(tmp_path):
+    from typer.testing import CliRunner
+
+    from infinitekv.cli import app
+
+    make_archive(tmp_path / "a", 10)
+    as_format_version_1(tmp_path / "a")
+    fix = "re-read the document into a new archive (or use the infinitekv release that wrote it)"
+    expected = (f"manifest {tmp_path / 'a' / MANIFEST_NAME} has format version 1 but this InfiniteKV reads format "
+                f"version {FORMAT_VERSION} only; {fix}")
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "a").iterdir()}
+    for refused in (lambda: Archive.open(tmp_path / "a"), lambda: Archive.open(tmp_path / "a", writable=False),
+                    lambda: inspect_archive(tmp_path / "a"), lambda: pack(tmp_path / "a", tmp_path / "a.zst")):
+        with pytest.raises(IKVError) as err:
+            refused()
+        assert str(err.value) == expected
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "a").iterdir()} == before
+    assert not (tmp_path / "a.zst").exists()
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "a")])
+    assert result.exit_code == 2 and result.stderr == f"ikv: error: {expected}\n"
+    for format_version, where in ((1, "pack"), (FORMAT_VERSION, "MANIFEST")):  # a v1 pack; a v1 MANIFEST in a v2 one
+        hand_pack(tmp_path / "a", tmp_path / f"v{format_version}.zst", format_version)
+        with pytest.raises(IKVError) as err:
+            unpack(tmp_path / f"v{format_version}.zst", tmp_path / f"out{format_version}")
+        message = str(err.value)
+        assert "\n" not in message and message.endswith(f"has format version 1 but this InfiniteKV reads format "
+                                                        f"version {FORMAT_VERSION} only; {fix}"), message
+        assert message.split(" has ")[0].endswith(f"v{format_version}.zst" if where == "pack" else MANIFEST_NAME)
+        assert not (tmp_path / f"out{format_version}").exists()
+
+
+def test_a_version_1_shard_in_a_version_2_archive_is_refused_by_name_and_a_damaged_version_is_damage(tmp_path):
+    make_archive(tmp_path / "a", 10)
+    shard = tmp_path / "a" / shard_name(2)
+    data = bytearray(shard.read_bytes())
+    data[8:12] = struct.pack("<I", 1)
+    shard.write_bytes(bytes(data))  # a flipped version byte: the header checksum no longer matches
+    with pytest.raises(IKVError, match=r"layer-002\.ikv is corrupted \(header checksum mismatch\)"):
+        Archive.open(tmp_path / "a")
+    shard.write_bytes(_resealed_header(data))
+    with pytest.raises(IKVError, match=rf"layer-002\.ikv has format version 1 but .* reads format version "
+                                       rf"{FORMAT_VERSION} only; re-read the document"):
+        Archive.open(tmp_path / "a")
+
+
+def _set_key_mean_text(layer, text):
+    return lambda f, b: b["shards"][layer].update(key_mean=text)
+
+
+def _b64(values) -> str:
+    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_set_key_mean_text(1, "AAAA"), r"shards\[1\].key_mean is not base64 of 32 float32 values"),
+    (_set_key_mean_text(1, "!" * 172), r"shards\[1\].key_mean is not valid base64"),
+    (_set_key_mean_text(1, "A" * (8 << 20)), r"shards\[1\].key_mean is not base64 of 32 float32 values"),
+    (_set_key_mean_text(1, "A" * 168 + "AA=="), r"shards\[1\].key_mean decodes to 127 bytes, not 128"),
+    (_set_key_mean_text(1, [0.0] * 32), r"shards\[1\].key_mean is not base64"),
+    (_set_key_mean_text(1, _b64([np.nan] + [0.0] * 31)), r"shards\[1\].key_mean holds values that are not finite"),
+    (_set_key_mean_text(1, None), r"shards\[1\] holds records but no key_mean"),
+    (lambda f, b: b["shards"][0].pop("key_mean"), r"'shards\[0\].key_mean' is missing"),
+    (lambda f, b: b.pop("rotation"), "rotation is not base64 of 256 float32 values"),
+    (lambda f, b: b.update(rotation=_b64(2 * np.eye(HEAD_DIM))), "rotation is not orthogonal"),
+    (lambda f, b: b.update(rotation=_b64(np.eye(HEAD_DIM + 1))), "rotation is not base64 of 256"),
+])
+def test_a_manifest_with_a_hostile_rotation_or_key_mean_is_refused_with_one_line(tmp_path, edit, needle):
+    make_archive(tmp_path / "a", 10)
+    _reseal_manifest(tmp_path / "a", edit)  # a valid checksum: only the schema checks stand in the way
+    for refused in (lambda: Archive.open(tmp_path / "a", writable=False), lambda: inspect_archive(tmp_path / "a")):
+        with pytest.raises(IKVError, match=needle) as err:
+            refused()
+        assert str(err.value).startswith(f"manifest {tmp_path / 'a' / MANIFEST_NAME} is corrupted")
+        assert "\n" not in str(err.value)
 
 
 def test_open_refuses_a_shard_with_a_newer_format_version(tmp_path):
@@ -343,14 +619,14 @@ def test_create_over_an_interrupted_create_starts_afresh(tmp_path):
     path.mkdir()
     (path / "LOCK").write_text("123\n")
     (path / "layer-000.ikv").write_bytes(b"half a header")
-    with Archive.create(path, LAYOUT, FINGERPRINT) as arc:
+    with new_archive(path) as arc:
         arc.append(0, random_records(np.random.default_rng(0), 1))
     assert sorted(p.name for p in path.iterdir()) == ["LOCK", "MANIFEST"] + [shard_name(i) for i in range(3)]
 
 
 def test_bad_appends_and_uneven_commits_are_refused_without_changing_the_archive(tmp_path):
     rng = np.random.default_rng(6)
-    with Archive.create(tmp_path / "a", LAYOUT, FINGERPRINT) as arc:
+    with new_archive(tmp_path / "a") as arc:
         bad = [
             (0, random_records(rng, 2).astype(np.int8)),
             (0, random_records(rng, 2)[:, :1]),
@@ -396,6 +672,7 @@ def test_inspect_reports_layout_tokens_bytes_and_integrity(tmp_path):
     assert info["tiers"]["cold_records"] == 100 * 3 * LAYOUT.token_bytes
     assert info["tiers"]["hot_state"] > 800  # 100 int64 token ids
     assert "9" in info["recovered"] and info["meta"] == {"rope_theta": 1e4}
+    assert info["codec"] == {"rotation": [16, 16], "key_mean_set": [True, True, True]}  # whether, not the floats
     assert set(info["files"]) >= {MANIFEST_NAME, shard_name(0), shard_name(2)}
     shard = tmp_path / "a" / shard_name(1)
     data = bytearray(shard.read_bytes())

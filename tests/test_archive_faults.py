@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 import archive_writer as writer
 from infinitekv import codec
 from infinitekv.archive import (
+    FORMAT_VERSION,
     HEADER_BYTES,
     MANIFEST_NAME,
     Archive,
@@ -42,9 +43,13 @@ LAYOUT = writer.LAYOUT
 
 
 def assert_holds_exactly(arc: Archive, n: int) -> None:
-    """The archive is at a committed point n: the writer's records for [0, n) and its state for n."""
+    """The archive is at a committed point n: the writer's records for [0, n), its key means (which records need)
+    and rotation, and its state for n."""
     assert arc.committed_tokens == arc.n_tokens == n
+    np.testing.assert_array_equal(arc.rotation, codec.rotation_matrix(LAYOUT.head_dim, 0))
     for layer in range(LAYOUT.n_layers):
+        if n:
+            np.testing.assert_array_equal(arc.key_mean(layer), writer.expected_key_mean(layer))
         expected = writer.expected_records(layer, 0, n)
         np.testing.assert_array_equal(arc.records(layer), expected)
         np.testing.assert_array_equal(arc.signatures(layer), codec.signatures_from_records(expected, LAYOUT.head_dim))
@@ -203,7 +208,7 @@ def _valid_manifest(pristine: Path) -> bytes:
 
 
 def _reseal(body: bytes) -> bytes:
-    return struct.pack("<8sIIQQ", b"IKVMANIF", 1, 0, len(body), xxhash.xxh3_64_intdigest(body)) + body
+    return struct.pack("<8sIIQQ", b"IKVMANIF", FORMAT_VERSION, 0, len(body), xxhash.xxh3_64_intdigest(body)) + body
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -102,7 +102,7 @@ def rewrite_state(path, edit) -> None:
     (lambda a, m: m["config"].update(new_knob=3), "unknown setting 'new_knob'"),
     (lambda a, m: a.pop("layer1.window_v"), "missing tensor 'layer1.window_v'"),
     (lambda a, m: m.update(surprise=True), "unknown field 'surprise'"),
-    (lambda a, m: m.update(transcript=7), "no transcript"),
+    (lambda a, m: m.update(transcript=7), "a malformed transcript"),
 ])
 def test_state_with_valid_checksums_but_unknown_content_is_refused_in_one_line(tmp_path, edit, message):
     model = tiny_model("llama")

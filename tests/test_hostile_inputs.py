@@ -205,6 +205,7 @@ def test_resume_of_a_killed_first_run_and_a_plain_run_over_it(tiny_model_dir, tm
 def small_archive(path: Path, tokens: int = 40) -> None:
     with Archive.create(path, writer.LAYOUT, writer.FINGERPRINT, block_tokens=writer.BLOCK_TOKENS) as arc:
         for layer in range(writer.LAYOUT.n_layers):
+            arc.set_key_mean(layer, writer.expected_key_mean(layer))
             arc.append(layer, writer.expected_records(layer, 0, tokens))
         arc.commit(*writer.expected_state(tokens))
 
@@ -263,7 +264,8 @@ def forged_pack(path: Path, members: list[tuple[str, bytes]], index: list[dict],
     """A pack written by hand: an index naming `index`, then members whose tar headers give their real size."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        body = json.dumps({"pack_version": 1, "format_version": 1, "committed_tokens": 0, "files": index}).encode()
+        body = json.dumps({"pack_version": 1, "format_version": archive_module.FORMAT_VERSION, "committed_tokens": 0,
+                           "files": index}).encode()
         for name, data in [("IKVPACK.json", body), *members]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
