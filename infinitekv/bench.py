@@ -3,6 +3,7 @@ metrics, gates); the CLI adds the command, environment and hash. A gate asserts;
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -160,6 +161,69 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
     return {"config": {**asdict(config), "lengths": list(lengths), "depths": list(depths)},
             "outputs": {"cells": cells, "heatmap": receipts.portable_path(heatmap) if heatmap else None},
             "metrics": metrics}
+
+
+def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, tokens: int = 12288,
+               max_new_tokens: int = 24) -> dict:
+    """Several questions about one long document, each on its own fork of the cache, through plain
+    `model.generate(..., past_key_values=fork)`: the document is read once into a disk archive and committed; each
+    question then feeds only its own tokens, and no answer leaks into the next (each is also asked again on the
+    document's own cache after `crop`, which must give the same reply)."""
+    from infinitekv.engine import enable
+    from infinitekv.needles import two_facts
+
+    config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    document, needles = two_facts(tokenizer, tokens)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": document + "\n\n" + n.question}],
+                                             add_generation_prompt=True, return_tensors="pt", return_dict=True)
+               ["input_ids"] for n in needles]
+    shared = next(i for i, (a, b) in enumerate(zip(prompts[0][0].tolist(), prompts[1][0].tolist())) if a != b)
+    generate = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    rows = []
+    with enable(model, archive=str(archive_dir), config=config, fingerprint=loaded.weights_sha256) as cache:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(prompts[0][:, :shared], past_key_values=cache, logits_to_keep=1)
+        cache.commit()
+        read_seconds = time.perf_counter() - start
+        for needle, ids in zip(needles, prompts):
+            fork = cache.fork()
+            before = len(fork.token_ids)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, past_key_values=fork, **generate)
+            seconds = time.perf_counter() - start
+            reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            rows.append({"question": needle.question, "expected": needle.answer, "reply": reply,
+                         "correct": needle.answer in reply, "prefill_tokens": ids.shape[1] - before,
+                         "seconds": round(seconds, 2)})
+        for row, ids in zip(reversed(rows), reversed(prompts)):  # again on the document's cache, newest first
+            cache.crop(shared)
+            with torch.no_grad():
+                out = model.generate(ids, past_key_values=cache, **generate)
+            row["same_reply_after_crop"] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == \
+                row["reply"]
+        cold = len(cache.archive.signatures(0))
+    metrics = {
+        "document_tokens": {"value": shared, "unit": "tokens"},
+        "cold_tokens": {"value": cold, "unit": "tokens"},
+        "read_seconds": {"value": round(read_seconds, 1), "unit": "s"},
+        "max_question_prefill_tokens": {"value": max(r["prefill_tokens"] for r in rows), "unit": "tokens"},
+        "correct": {"value": sum(r["correct"] for r in rows), "unit": f"of {len(rows)}"},
+    }
+    gates = {
+        "answers_from_forks": receipts.gate(all(r["correct"] for r in rows), "every forked question answered correctly"),
+        "no_reread": receipts.gate(all(r["prefill_tokens"] < 64 for r in rows),
+                           "each question fed fewer than 64 tokens (the document was not re-read)"),
+        "no_leak": receipts.gate(all(r["same_reply_after_crop"] for r in rows),
+                         "each reply equals the reply on the document's own cache cropped back to the commit"),
+    }
+    return {"config": {**asdict(config), "tokens": tokens, "max_new_tokens": max_new_tokens, "archive": "disk",
+                       "text": "pydoc_data.topics (Python standard library documentation) with two planted facts"},
+            "outputs": {"questions": rows}, "metrics": metrics, "gates": gates,
+            "inputs": {"document": {"sha256": hashlib.sha256(document.encode()).hexdigest(),
+                                    "bytes": len(document.encode())}}}
 
 
 def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 8192, 12288, 32768), kinds=KINDS,

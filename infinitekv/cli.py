@@ -569,6 +569,21 @@ def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
         heatmap=picture))
 
 
+@bench_app.command("fork")
+def bench_fork(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+               tokens: int = typer.Option(12288, help="Document length in tokens."),
+               max_new_tokens: int = typer.Option(24, help="Most tokens per answer.")) -> None:
+    """Two questions about one long document, each on a fork of the cache through plain model.generate: the
+    document is read once into a disk archive; each question feeds only its own tokens."""
+    import tempfile
+
+    from infinitekv import bench
+
+    with tempfile.TemporaryDirectory(prefix="ikv-fork-") as scratch:
+        _bench("fork", model, receipt, lambda loaded: bench.bench_fork(
+            loaded, RetrievalConfig(), Path(scratch) / "mem", tokens=tokens, max_new_tokens=max_new_tokens))
+
+
 @bench_app.command("tasks")
 def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                 top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,

@@ -32,3 +32,21 @@ def passkey(tokenizer, n_tokens: int, depth: float, seed: int = 0, skip_chars: i
     after = tokenizer.decode(ids[cut:])
     question = "What is the magic number mentioned in the text? Answer with the number."
     return Needle(document=before + needle + after, question=question, answer=key, depth=depth)
+
+
+def two_facts(tokenizer, n_tokens: int, depths=(0.3, 0.7), seed: int = 0) -> tuple[str, list[Needle]]:
+    """A document of about `n_tokens` tokens with two different facts hidden in it (a 5-digit number and a year),
+    and one question for each: for asking several independent questions about one document."""
+    rng = random.Random(seed)
+    number, year = str(rng.randint(10000, 99999)), str(rng.randint(1100, 1899))
+    facts = [
+        (f"\n\nRemember this: the magic number is {number}.\n\n",
+         "What is the magic number mentioned in the text? Answer with the number.", number),
+        (f"\n\nRemember this: the treasure was buried in the year {year}.\n\n",
+         "In which year was the treasure buried, according to the text? Answer with the year.", year),
+    ]
+    ids = tokenizer(english_text(n_tokens * 6), add_special_tokens=False)["input_ids"][:n_tokens]
+    cuts = [0] + [int(len(ids) * d) for d in depths] + [len(ids)]
+    pieces = [tokenizer.decode(ids[a:b]) for a, b in zip(cuts, cuts[1:])]
+    document = pieces[0] + "".join(fact + piece for (fact, _, _), piece in zip(facts, pieces[1:]))
+    return document, [Needle(document, question, answer, depth) for (_, question, answer), depth in zip(facts, depths)]

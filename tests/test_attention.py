@@ -26,7 +26,7 @@ def test_queries_of_one_block_each_get_their_own_best_cold_tokens():
     queries[0, 0, 0, 0] = 1.0
     queries[0, 1, 0, 1] = 1.0
     config = RetrievalConfig(shortlist=n, select_block=2)
-    ids = select_cold(ColdRecords(records, d), 0, queries, select_blocks(2, 2), config, np.eye(d, dtype=np.float32), 1)
+    ids = select_cold(ColdRecords(records, d, np.eye(d, dtype=np.float32)), 0, queries, select_blocks(2, 2), config, 1)
     assert ids.shape == (1, 2, 1)
     assert ids[0, 0, 0] == 17 and ids[0, 1, 0] == 150
 
