@@ -2,7 +2,9 @@
 
 Read top to bottom, for one decoder layer and one chunk of C new tokens (C = 1 while decoding):
 
-1. project the chunk to queries, keys and values; keys stay pre-RoPE everywhere we keep them;
+1. the model's own attention module projects the chunk (biases, Qwen3's q/k norms and RoPE included) and hands it
+   to the registered attention function (cache.py), which undoes RoPE with the module's own tables (`unrotate`):
+   queries and keys arrive here pre-RoPE, and keys stay pre-RoPE everywhere we keep them;
 2. while the whole sequence fits `dense_up_to` (by default the model's trained window) attention is exact: the
    window keeps every token, at its true position, and tokens older than `hot_window` are only *written* to the
    cold tier (so the archive is the same either way, and durable); the first chunk that would pass it drops them
@@ -59,19 +61,18 @@ class RetrievalConfig:
 
         Exact attention for as long as the model was trained to attend; past it, a hot window of 1/8 of the
         model's attention reach (at most 1,024 tokens: the per-step cost, not the context, bounds it), prefill
-        chunks of half the window, and a cold budget of 1/16 of the window per query and kv-head, reranked from a
-        shortlist 16 times that. The compact layout (sinks + retrieved + window + chunk) then spans well under the
+        chunks of half the hot window, and a cold budget of 1/16 of the hot window per query and kv-head, reranked
+        from a shortlist 16 times that. The compact layout (sinks + retrieved + window + chunk) then spans well under the
         reach, so no query sees a key farther than the model ever did.
         """
         config = cls(**overrides)
-        reach = adapters.attention_reach(model_config)
-        derived = {"hot_window": max(16, min(1024, reach // 8))}
-        derived["chunk_size"] = max(1, derived["hot_window"] // 2)
-        derived["evict_batch"] = max(1, derived["hot_window"] // 16)
-        derived["top_k_cold"] = max(1, derived["hot_window"] // 16)
+        if config.hot_window is None:
+            config.hot_window = max(16, min(1024, adapters.attention_reach(model_config) // 8))
+        derived = {"chunk_size": config.hot_window // 2, "evict_batch": config.hot_window // 16,
+                   "top_k_cold": config.hot_window // 16}
         for name, value in derived.items():
             if getattr(config, name) is None:
-                setattr(config, name, value)
+                setattr(config, name, max(1, value))
         if config.shortlist is None:
             config.shortlist = max(16 * config.top_k_cold, 16)
         if config.select_block is None:

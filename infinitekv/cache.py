@@ -129,7 +129,6 @@ class InfiniteKVCache(Cache):
     """A transformers Cache whose old tokens live in an InfiniteKV archive; see the module docstring."""
 
     def __init__(self, model, archive, config: RetrievalConfig, fingerprint: str, _tail: _Tail | None = None):
-        self.model_config = model.config
         self.layout = adapters.layout(model)
         self.fingerprint = fingerprint
         parameter = next(model.parameters())
@@ -168,11 +167,8 @@ class InfiniteKVCache(Cache):
         records = self.archive.layer_tokens(layer) if self._tail.owner is self else self._base
         return memory.sink_k.shape[1] + records - memory.archived + memory.window_len
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
     # ---- one forward ----------------------------------------------------------------------------------------
-    def begin_forward(self, length: int, position_ids) -> None:
+    def begin_forward(self, position_ids) -> None:
         """Called before a model forward carrying this cache (by the model's pre-hook)."""
         self._check_tail()
         start = self.get_seq_length()
@@ -406,11 +402,11 @@ def begin_model_forward(model, args, kwargs):
     if batch != 1:
         raise IKVError(f"an InfiniteKVCache holds one sequence, got a batch of {batch}; generate one prompt at a "
                        "time, with greedy or sampling (no beam search, num_return_sequences=1)")
-    cache.begin_forward(length, kwargs.get("position_ids"))
+    cache.begin_forward(kwargs.get("position_ids"))
     cache.token_ids.extend(ids[0].tolist() if ids is not None else [-1] * length)
 
 
-def timed_forward(cache: InfiniteKVCache, model, ids: list[int]) -> torch.Tensor:
+def forward_ids(cache: InfiniteKVCache, model, ids: list[int]) -> torch.Tensor:
     """Feed `ids` through the model with `cache`; the logits after the last one (float32)."""
     input_ids = torch.tensor([ids], device=cache.device)
     with torch.no_grad():

@@ -28,7 +28,7 @@ import torch
 from infinitekv import adapters, codec
 from infinitekv.archive import Archive, Layout
 from infinitekv.attention import RetrievalConfig
-from infinitekv.cache import ATTENTION, InfiniteKVCache, begin_model_forward, route_attention, timed_forward
+from infinitekv.cache import ATTENTION, InfiniteKVCache, begin_model_forward, route_attention, forward_ids
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
 
@@ -67,7 +67,7 @@ class Session:
 
     # ---- feeding tokens -------------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        return timed_forward(self.cache, self.model, ids)
+        return forward_ids(self.cache, self.model, ids)
 
     def feed(self, ids: list[int], progress: bool = False) -> torch.Tensor:
         """Prefill `ids` in chunks; returns the logits after the last one.
@@ -274,13 +274,13 @@ def _open_archive(model, archive, mode: str, resume: bool, fingerprint: str,
 
 @contextlib.contextmanager
 def enable(model, *, archive: str | Archive | None = None, mode: str = "disk", config: RetrievalConfig | None = None,
-           resume: bool = False, fingerprint: str | None = None, tokenizer=None):
+           resume: bool = False, fingerprint: str | None = None):
     """Switch retrieval attention on for `model` and yield its InfiniteKVCache; restores the model on exit, always.
 
     archive: a directory (created, or reopened with resume=True), an open Archive, or None for an in-RAM archive.
     Inside, `model.generate(..., past_key_values=cache)` uses the cache; a `generate` call (or a pipeline) that
     passes no cache gets a fresh in-RAM InfiniteKVCache of its own, so each call reads its prompt from scratch with
-    bounded memory. (`tokenizer` is accepted for symmetry with open_session and unused.)
+    bounded memory.
     """
     adapters.check_supported(model)
     config = RetrievalConfig.for_model(model.config, **asdict(config or RetrievalConfig()))

@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -679,7 +680,8 @@ def serve(options: ServeOptions) -> None:
     loaded = load_model(options.model)
     if not getattr(loaded.tokenizer, "chat_template", None):
         raise IKVError(f"model {options.model} has no chat template; ikv serve needs an instruct (chat) model")
-    options.config = RetrievalConfig.for_model(loaded.model.config, **asdict(options.config))
+    options = dataclasses.replace(options, config=RetrievalConfig.for_model(loaded.model.config,
+                                                                          **asdict(options.config)))
     check_budget(loaded.model, options.config)
     worker = Worker(loaded, options, served_model_id(options.model))
     host, port = sock.getsockname()[:2]

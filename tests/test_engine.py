@@ -227,3 +227,22 @@ def test_resume_inside_dense_up_to_restores_the_cold_tokens_from_records(tmp_pat
         assert session.memories[0].window_len == 300 - 4
     assert float((got - expected).abs().max()) < 0.05
     assert int(got.argmax()) == int(expected.argmax())
+
+
+def test_retrieval_sizes_are_derived_from_the_models_config():
+    """Not SmolLM2 constants: the window, chunk and budgets follow the model's attention reach (its trained window,
+    or its sliding window where that is narrower), and what the caller sets is kept."""
+    import transformers
+
+    def derived(config, **overrides):
+        c = RetrievalConfig.for_model(config, **overrides)
+        return c.hot_window, c.chunk_size, c.top_k_cold, c.shortlist, c.evict_batch, c.dense_up_to
+
+    llama_8k = transformers.LlamaConfig(max_position_embeddings=8192)
+    assert derived(llama_8k) == (1024, 512, 64, 1024, 64, 8192)
+    assert derived(transformers.LlamaConfig(max_position_embeddings=2048)) == (256, 128, 16, 256, 16, 2048)
+    mistral = transformers.MistralConfig(max_position_embeddings=32768, sliding_window=1024)
+    assert derived(mistral) == (128, 64, 8, 128, 8, 32768)
+    assert derived(llama_8k, hot_window=512, top_k_cold=0)[:3] == (512, 256, 0)
+    qwen2 = transformers.Qwen2Config(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)
+    assert derived(qwen2)[0] == 1024  # Qwen2 only slides when use_sliding_window is on

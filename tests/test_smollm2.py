@@ -16,7 +16,7 @@ import torch
 
 from infinitekv.attention import RetrievalConfig
 from infinitekv.bench import gate_equivalence
-from infinitekv.engine import open_session
+from infinitekv.engine import enable, open_session
 from infinitekv.needles import passkey
 from infinitekv.receipts import verify_receipt
 
@@ -40,6 +40,21 @@ def test_passkey_past_trained_window_is_answered_from_the_disk_archive(smollm2, 
     text, cold, total = answer(smollm2, needle, RetrievalConfig(), archive=str(tmp_path / "mem"))
     assert total > 12000 > 8192
     assert cold > 10000  # the needle was in the cold tier, not the hot window
+    assert needle.answer in text, text
+
+
+@pytest.mark.slow
+def test_passkey_past_trained_window_is_answered_through_plain_generate_with_a_disk_archive(smollm2, tmp_path):
+    """What a transformers user writes: the chat-templated prompt straight into model.generate inside enable()."""
+    needle = passkey(smollm2.tokenizer, WALL_TOKENS, 0.5)
+    messages = [{"role": "user", "content": needle.document + "\n\n" + needle.question}]
+    inputs = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
+    with enable(smollm2.model, archive=str(tmp_path / "mem"), fingerprint=smollm2.weights_sha256) as cache:
+        with torch.no_grad():
+            out = smollm2.model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+        assert len(cache.archive.signatures(0)) > 10000  # the needle was in the cold tier
+    text = smollm2.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert needle.answer in text, text
 
 
