@@ -264,6 +264,7 @@ def run(
                 saved_error = err
         bill = session.memory_bill()
         counters = session.counters
+        config = session.config  # with the sizes derived from the model: what actually ran
     print(answer.strip(), flush=True)
     if saved_error is not None:
         fix = f"; ikv run --archive {archive} --resume --read-only asks without saving" if archive else ""
