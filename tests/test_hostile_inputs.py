@@ -315,8 +315,13 @@ def test_unpack_refuses_an_index_that_disagrees_with_its_manifest_or_exceeds_the
 
 
 def start_run(args, env=None) -> subprocess.Popen:
+    """`ikv run ARGS` as a user's terminal starts it: with Ctrl-C's default action even when this test runs in a
+    background job (which inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored)."""
+    import signal
+
     return subprocess.Popen([sys.executable, "-m", "infinitekv", "run", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_chunks(proc: subprocess.Popen, chunks: int) -> bytes:
