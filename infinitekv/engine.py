@@ -26,17 +26,13 @@ import numpy as np
 import torch
 
 from infinitekv import adapters, codec
-from infinitekv.archive import Archive, Layout
+from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
 from infinitekv.cache import ATTENTION, InfiniteKVCache, begin_model_forward, route_attention, forward_ids
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
 
 CHECKPOINT_EVERY = 8  # prefill chunks between checkpoints of a disk archive (8 x 512 tokens); 0 turns them off
-
-
-def model_layout(model) -> Layout:
-    return adapters.layout(model)
 
 
 class Session:
@@ -249,7 +245,7 @@ def check_budget(model, config: RetrievalConfig) -> None:
 
 def new_archive(path, model, fingerprint: str, rotation_seed: int = 0) -> Archive:
     """An empty archive for `model`'s cache: on disk at `path`, or in RAM when path is None."""
-    layout = model_layout(model)
+    layout = adapters.layout(model)
     return Archive.create(path, layout, fingerprint, mode="ram" if path is None else "disk",
                           rotation=codec.rotation_matrix(layout.head_dim, rotation_seed))
 
@@ -265,10 +261,10 @@ def _open_archive(model, archive, mode: str, resume: bool, fingerprint: str,
         store, owned = Archive.open(archive, model_fingerprint=fingerprint, writable=True), True
     else:
         store, owned = new_archive(archive if mode == "disk" else None, model, fingerprint, rotation_seed), True
-    if store.layout != model_layout(model):
+    if store.layout != adapters.layout(model):
         if owned:
             store.close()
-        raise IKVError(f"archive layout {store.layout} does not match the model's {model_layout(model)}")
+        raise IKVError(f"archive layout {store.layout} does not match the model's {adapters.layout(model)}")
     return store, owned
 
 

@@ -187,11 +187,11 @@ def test_failed_commit_prints_the_answer_before_saying_why_it_was_not_saved(tiny
 
 def test_resume_of_a_killed_first_run_and_a_plain_run_over_it(tiny_model_dir, tmp_path, monkeypatch):
     """A first run killed before its first checkpoint: --resume says so, a plain run takes the directory."""
-    from infinitekv.engine import model_layout
+    from infinitekv.adapters import layout
     from infinitekv.models import load_model
 
     loaded = load_model(str(tiny_model_dir))
-    Archive.create(tmp_path / "mem", model_layout(loaded.model), loaded.weights_sha256).close()  # what it leaves
+    Archive.create(tmp_path / "mem", layout(loaded.model), loaded.weights_sha256).close()  # what it leaves
     common = ["--model", tiny_model_dir, "--max-new-tokens", "2", "--receipt", tmp_path / "r.json"]
     code, _, err = ikv_here(monkeypatch, "run", "--archive", tmp_path / "mem", "--resume", "--question", "q", *common)
     assert_one_line_error(code, err, "run once without --resume")
