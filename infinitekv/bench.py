@@ -267,27 +267,44 @@ def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 819
 
 
 def _capture_qk(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Pre-RoPE queries [Hq, L, D] and keys [Hk, L, D] of every layer, from one pass of the unmodified model."""
-    from infinitekv.attention import project_chunk
+    """Pre-RoPE queries [Hq, L, D] and keys [Hk, L, D] of every layer, from one pass of the unmodified model.
 
-    queries, keys, hooks = [], [], []
+    The model's attention modules project, normalise and rotate as always; an attention function registered for
+    this pass records what they hand over, undoes RoPE with the cos/sin the module used, and attends with SDPA.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def capture(attn, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        with torch.no_grad():
-            q, k, _ = project_chunk(attn, hidden)
-        queries.append(q.float())
-        keys.append(k.float())
+    from infinitekv.attention import unrotate
 
-    for layer in model.model.layers:
-        hooks.append(layer.self_attn.register_forward_pre_hook(capture, with_kwargs=True))
+    tables, captured, hooks = {}, {}, []
+
+    def remember_tables(module, args, kwargs):
+        tables[module] = kwargs["position_embeddings"]
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        cos, sin = (t[0].float() for t in tables[module])
+        captured[module] = (unrotate(query[0].float(), cos, sin), unrotate(key[0].float(), cos, sin))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_CAPTURE, capture)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+    modules = adapters.attention_modules(model)
+    previous = model.config._attn_implementation
+    hooks = [attn.register_forward_pre_hook(remember_tables, with_kwargs=True) for attn in modules]
+    model.set_attn_implementation(_CAPTURE)
     try:
         with torch.no_grad():
             model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
     finally:
+        model.set_attn_implementation(previous)
         for hook in hooks:
             hook.remove()
-    return queries, keys
+    return [captured[m][0] for m in modules], [captured[m][1] for m in modules]
+
+
+_CAPTURE = "infinitekv_capture"
 
 
 def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4096, 8192, 12288),
@@ -315,7 +332,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
         table = {mode: {part: np.zeros((n_layers, n_kv)) for part in ("retrieved", "oracle", "hot")}
                  for mode in ("decode", "prefill")}
         for layer in range(n_layers):
-            attn = model.model.layers[layer].self_attn
+            attn = adapters.attention_modules(model)[layer]
             q_pre, k_pre = all_q[layer], all_k[layer]
             key_mean = k_pre[:, s : s + w + config.evict_batch].mean(dim=1).numpy()
             centred = ((k_pre[:, s:].numpy() - key_mean[:, None]) @ rotation.T).transpose(1, 0, 2)  # [n, Hk, D]

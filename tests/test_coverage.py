@@ -48,3 +48,37 @@ def test_a_hot_token_cannot_be_counted_as_retrieved():
     hot = np.array([True, False, False, True])
     with pytest.raises(ValueError, match="cold"):
         covered_mass(np.zeros((1, 4)), hot, np.array([0]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_captured_queries_and_keys_are_the_modules_own_before_rope(family):
+    """`bench._capture_qk` against the projections recomputed by hand from the layer's input (Qwen3: with its
+    q/k norms), and the model's output unchanged by the capture."""
+    import torch
+
+    from infinitekv import adapters, bench
+    from tests.conftest import tiny_model
+
+    model = tiny_model(family)
+    ids = list(range(3, 40))
+    inputs = {}
+    attn = adapters.attention_modules(model)[1]
+
+    def remember_input(module, args, kwargs):
+        inputs["hidden"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    hook = attn.register_forward_pre_hook(remember_input, with_kwargs=True)
+    try:
+        queries, keys = bench._capture_qk(model, ids)
+    finally:
+        hook.remove()
+    assert model.config._attn_implementation == "sdpa"
+    hidden = inputs["hidden"][0]
+    head_dim = attn.head_dim
+    with torch.no_grad():
+        q = attn.q_proj(hidden).view(len(ids), -1, head_dim)
+        k = attn.k_proj(hidden).view(len(ids), -1, head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+    torch.testing.assert_close(queries[1], q.transpose(0, 1).float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(keys[1], k.transpose(0, 1).float(), rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,26 @@ def test_speed_bench_measures_the_floor_and_both_caches_side_by_side(smollm2):
     assert metrics["decode_over_floor_at_1024"]["value"] == pytest.approx(row["ikv_decode_ms"] / floor, rel=1e-2)
     assert metrics["decode_speedup_at_1024"]["value"] == pytest.approx(
         row["full_decode_ms"] / row["ikv_decode_ms"], rel=1e-2)
+
+
+def test_coverage_bench_measures_retrieval_between_the_hot_tier_and_the_oracle(smollm2, tmp_path):
+    from infinitekv.bench import bench_coverage
+
+    config = RetrievalConfig(hot_window=256, top_k_cold=16, shortlist=128)
+    parts = bench_coverage(smollm2, config, lengths=(768,), queries=2, heatmap=tmp_path / "coverage.png")
+    grids = parts["outputs"]["per_length"]["768"]
+    for mode in ("decode", "prefill"):
+        hot, retrieved, oracle = (np.array(grids[mode][part]) for part in ("hot", "retrieved", "oracle"))
+        assert hot.shape == (smollm2.model.config.num_hidden_layers, smollm2.model.config.num_key_value_heads)
+        assert (hot <= retrieved + 1e-4).all() and (retrieved <= oracle + 1e-4).all() and (oracle <= 1 + 1e-4).all()
+        assert retrieved.mean() > hot.mean()  # retrieval adds mass the window alone misses
+    assert (tmp_path / "coverage.png").stat().st_size > 0
+
+
+def test_recall_bench_reads_the_models_own_queries_and_keys(smollm2):
+    from infinitekv.bench import bench_recall
+
+    parts = bench_recall(smollm2, tokens=600, queries=4, hot_window=128, k=8, layers=(0, 15), shortlists=(8, 64))
+    assert parts["metrics"]
+    for metric in parts["metrics"].values():
+        assert 0 <= metric["value"] <= 1
