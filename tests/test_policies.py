@@ -309,3 +309,40 @@ def test_a_passkey_outside_the_recent_window_is_lost_only_by_the_policy_that_dro
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert (needle.answer in text) == (name == "keep_all"), text
 
+
+@pytest.mark.smollm2
+def test_the_baselines_bench_holds_every_system_to_one_budget_and_draws_its_plots(smollm2, tmp_path):
+    """`ikv bench baselines` on a tiny grid: each system answers the same needle within the same budget, the KL
+    sweep measures each, and the three PNGs land beside the receipt."""
+    from infinitekv.baselines import bench_baselines
+
+    receipt = tmp_path / "baselines.json"
+    systems = ("keep_all", "recent", "heavy_hitter", "infinitekv")
+    parts = bench_baselines(smollm2, RetrievalConfig(), budget=256, systems=systems, lengths=(700,), depths=(0.5,),
+                            task_lengths=(), quality_lengths=(600,), positions=4, kl_budgets=(256,),
+                            full_up_to=700, plots_beside=receipt)
+    cells = {c["system"]: c for c in parts["outputs"]["passkey"]}
+    assert sorted(cells) == sorted(systems)
+    assert len({c["prompt_tokens"] for c in cells.values()}) == 1  # the same prompt for every system
+    for name, cell in cells.items():
+        assert cell["resident_tokens"] <= 256 or name == "keep_all"
+        assert cell["resident_bytes"] > 0 and cell["decode_ms_per_token"] > 0
+    assert cells["keep_all"]["found"]
+    quality = {q["system"]: q for q in parts["outputs"]["quality"]}
+    assert sorted(quality) == sorted(systems) and quality["keep_all"]["median_kl"] < 1e-6
+    assert parts["metrics"]["passkey_recent_at_700"]["unit"] == "of 1"
+    for kind in ("accuracy", "kl", "bytes"):
+        assert (tmp_path / f"baselines-{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.smollm2
+def test_the_memory_bench_draws_the_bill_at_each_length_it_reads(smollm2, tmp_path):
+    from infinitekv.bench import bench_memory
+
+    config = RetrievalConfig(hot_window=128, chunk_size=128, dense_up_to=0)
+    parts = bench_memory(smollm2, config, tokens=640, points=3, plot=tmp_path / "memory.png")
+    series = parts["outputs"]["series"]
+    assert [bill["tokens"] for bill in series] == [256, 512, 640]  # chunk boundaries, the last at the end
+    cold = [bill["cold_tokens"] for bill in series]
+    assert cold == sorted(cold) and cold[-1] == parts["outputs"]["bill"]["cold_tokens"] > 0
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
