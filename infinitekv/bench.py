@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import torch
 
-from infinitekv import adapters, receipts
+from infinitekv import adapters, plots, receipts
 from infinitekv.attention import RetrievalConfig
 from infinitekv.corpus import english_text
 from infinitekv.engine import open_session
@@ -73,26 +73,10 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
     """Teacher-forced KL and top-1 agreement against the unmodified model over the last `positions` tokens of
     real English text; the last positions go through the decode path, one token at a time, as generation does."""
     config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
-    model, tokenizer = loaded.model, loaded.tokenizer
     metrics, per_length = {}, {}
     for length in lengths:
-        ids = tokenizer(english_text(length * 8), add_special_tokens=False)["input_ids"][:length]
-        with torch.no_grad():
-            reference = model(torch.tensor([ids], device=model.device), use_cache=False,
-                              logits_to_keep=positions + 1).logits[0]
-        kls, agree = [], []
-        with open_session(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
-            logits = s.feed(ids[: length - positions])
-            for offset in range(positions):
-                kl, same = _kl_and_top1(reference[offset], logits)
-                kls.append(kl)
-                agree.append(same)
-                logits = s.feed([ids[length - positions + offset]])
-            cold_per_step = s.counters.cold_tokens_per_step()
-        kls_array = np.array(kls)
-        per_length[str(length)] = {"median_kl": float(np.median(kls_array)), "mean_kl": float(kls_array.mean()),
-                                   "p90_kl": float(np.percentile(kls_array, 90)), "top1": float(np.mean(agree)),
-                                   "cold_tokens_per_step": cold_per_step}
+        ids, reference = quality_text(loaded, length, positions)
+        per_length[str(length)] = teacher_forced(loaded, ids, reference, config)
         for name, value in per_length[str(length)].items():
             unit = "nats" if "kl" in name else "tokens per layer and kv-head" if "cold" in name else "fraction"
             metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 6), unit)
@@ -102,6 +86,37 @@ def bench_quality(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 4
         "outputs": {"per_length": per_length},
         "metrics": metrics,
     }
+
+
+def quality_text(loaded: LoadedModel, length: int, positions: int) -> tuple[list[int], torch.Tensor]:
+    """`length` tokens of real English text and the unmodified model's logits for its last `positions` + 1."""
+    model = loaded.model
+    ids = loaded.tokenizer(english_text(length * 8), add_special_tokens=False)["input_ids"][:length]
+    with torch.no_grad():
+        reference = model(torch.tensor([ids], device=model.device), use_cache=False,
+                          logits_to_keep=positions + 1).logits[0]
+    return ids, reference
+
+
+def teacher_forced(loaded: LoadedModel, ids: list[int], reference: torch.Tensor, config: RetrievalConfig,
+                   policy=None) -> dict:
+    """KL and top-1 against `reference` (quality_text) at each of its positions but the last: the text before them
+    read in chunks, then one token at a time. `policy`: an eviction baseline instead of retrieval."""
+    positions = reference.shape[0] - 1
+    kls, agree = [], []
+    with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, mode="ram",
+                      fingerprint=loaded.weights_sha256, policy=policy) as s:
+        logits = s.feed(ids[: len(ids) - positions])
+        for offset in range(positions):
+            kl, same = _kl_and_top1(reference[offset], logits)
+            kls.append(kl)
+            agree.append(same)
+            logits = s.feed([ids[len(ids) - positions + offset]])
+        cold_per_step = s.counters.cold_tokens_per_step()
+    kls_array = np.array(kls)
+    return {"median_kl": float(np.median(kls_array)), "mean_kl": float(kls_array.mean()),
+            "p90_kl": float(np.percentile(kls_array, 90)), "top1": float(np.mean(agree)),
+            "cold_tokens_per_step": cold_per_step}
 
 
 def _answer(loaded: LoadedModel, needle, config: RetrievalConfig, archive_dir: Path | None = None,
@@ -124,6 +139,13 @@ def _unmodified_answer(loaded: LoadedModel, needle, max_new_tokens: int = 24) ->
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def passkey_grid(tokenizer, lengths, depths):
+    """(length, depth, needle) for each cell of the passkey grid; each cell's needle is the same in every bench."""
+    for length in lengths:
+        for depth in depths:
+            yield length, depth, passkey(tokenizer, length, depth, seed=int(depth * 1000) + length)
+
+
 def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 12288), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
                   unmodified_up_to: int = 8192, heatmap: Path | None = None) -> dict:
     """A grid of lengths x depths: retrieval on (disk archive), retrieval off (--top-k-cold 0), and the unmodified
@@ -132,20 +154,18 @@ def bench_passkey(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 1
     cells = []
     off = RetrievalConfig(**{**asdict(config), "top_k_cold": 0})
     with tempfile.TemporaryDirectory(prefix="ikv-passkey-") as scratch:
-        for length in lengths:
-            for depth in depths:
-                needle = passkey(loaded.tokenizer, length, depth, seed=int(depth * 1000) + length)
-                cell = {"length": length, "depth": depth, "key": needle.answer}
-                archive_dir = Path(scratch) / f"{length}-{depth}"
-                cell["on"], cell["tokens"], cell["cold_tokens_per_step"] = _answer(loaded, needle, config, archive_dir)
-                shutil.rmtree(archive_dir, ignore_errors=True)
-                cell["on_found"] = needle.answer in cell["on"]
-                cell["off"], _, _ = _answer(loaded, needle, off)
-                cell["off_found"] = needle.answer in cell["off"]
-                if length <= unmodified_up_to:
-                    cell["unmodified"] = _unmodified_answer(loaded, needle)
-                    cell["unmodified_found"] = needle.answer in cell["unmodified"]
-                cells.append(cell)
+        for length, depth, needle in passkey_grid(loaded.tokenizer, lengths, depths):
+            cell = {"length": length, "depth": depth, "key": needle.answer}
+            archive_dir = Path(scratch) / f"{length}-{depth}"
+            cell["on"], cell["tokens"], cell["cold_tokens_per_step"] = _answer(loaded, needle, config, archive_dir)
+            shutil.rmtree(archive_dir, ignore_errors=True)
+            cell["on_found"] = needle.answer in cell["on"]
+            cell["off"], _, _ = _answer(loaded, needle, off)
+            cell["off_found"] = needle.answer in cell["off"]
+            if length <= unmodified_up_to:
+                cell["unmodified"] = _unmodified_answer(loaded, needle)
+                cell["unmodified_found"] = needle.answer in cell["unmodified"]
+            cells.append(cell)
     metrics = {}
     for length in lengths:
         row = [c for c in cells if c["length"] == length]
@@ -226,6 +246,14 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
                                     "bytes": len(document.encode())}}}
 
 
+def task_cases(tokenizer, lengths, kinds=KINDS, cases: int = 1, seed: int = 0):
+    """(length, kind, index, case) for the task suite: each case leaves ROOM tokens of `length` for the answer."""
+    for length in lengths:
+        for kind in kinds:
+            for index in range(cases):
+                yield length, kind, index, make_case(tokenizer, kind, length - ROOM, seed * 1000 + index)
+
+
 def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 8192, 12288, 32768), kinds=KINDS,
                 cases: int = 1, seed: int = 0, unmodified_up_to: int | None = None) -> dict:
     """The task suite (`tasks.py`) at each length (the whole conversation, answer included, fits it): the engine, the
@@ -237,20 +265,15 @@ def bench_tasks(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 819
     unmodified_up_to = unmodified_up_to or trained_window(loaded.model.config)
     off = RetrievalConfig(**{**asdict(config), "top_k_cold": 0})
     rows = []
-    for length in lengths:
-        for kind in kinds:
-            for index in range(cases):
-                case = make_case(loaded.tokenizer, kind, length - ROOM, seed * 1000 + index)
-                row = {"length": length, "kind": kind, "case": index, "question": case.question,
-                       "answers": case.answers}
-                row["on"], row["tokens"], row["cold_tokens_per_step"] = _answer(loaded, case, config,
-                                                                                max_new_tokens=48)
-                row["off"], _, _ = _answer(loaded, case, off, max_new_tokens=48)
-                row["on_score"], row["off_score"] = score(case, row["on"]), score(case, row["off"])
-                if row["tokens"] <= unmodified_up_to:
-                    row["unmodified"] = _unmodified_answer(loaded, case, max_new_tokens=48)
-                    row["unmodified_score"] = score(case, row["unmodified"])
-                rows.append(row)
+    for length, kind, index, case in task_cases(loaded.tokenizer, lengths, kinds, cases, seed):
+        row = {"length": length, "kind": kind, "case": index, "question": case.question, "answers": case.answers}
+        row["on"], row["tokens"], row["cold_tokens_per_step"] = _answer(loaded, case, config, max_new_tokens=48)
+        row["off"], _, _ = _answer(loaded, case, off, max_new_tokens=48)
+        row["on_score"], row["off_score"] = score(case, row["on"]), score(case, row["off"])
+        if row["tokens"] <= unmodified_up_to:
+            row["unmodified"] = _unmodified_answer(loaded, case, max_new_tokens=48)
+            row["unmodified_score"] = score(case, row["unmodified"])
+        rows.append(row)
     metrics = {}
     for length in lengths:
         at = [r for r in rows if r["length"] == length]
@@ -422,15 +445,23 @@ def _draw_heatmap(cells, lengths, depths, path: Path) -> None:
     plt.close(fig)
 
 
-def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 12288) -> dict:
-    """The memory bill after reading `tokens` tokens of text into a disk archive."""
+def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 12288, points: int = 8,
+                 plot: Path | None = None) -> dict:
+    """The memory bill after reading `tokens` tokens of text into a disk archive, and at `points` lengths on the way
+    (drawn as a PNG at `plot`: the bill vs context length)."""
     config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     ids = loaded.tokenizer(english_text(tokens * 8), add_special_tokens=False)["input_ids"][:tokens]
+    # stops on chunk boundaries, so the pieces are read in exactly the chunks one feed of every token would use
+    chunks = -(-len(ids) // config.chunk_size)
+    stops = sorted({min(len(ids), config.chunk_size * -(-chunks * i // points)) for i in range(1, points + 1)})
+    series = []
     with tempfile.TemporaryDirectory(prefix="ikv-memory-") as scratch:
         archive_dir = Path(scratch) / "mem"
         with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, archive=str(archive_dir),
                     fingerprint=loaded.weights_sha256) as session:
-            session.feed(ids)
+            for begin, end in zip([0] + stops, stops):
+                session.feed(ids[begin:end])
+                series.append(session.memory_bill())
             session.commit()
             bill = session.memory_bill()
         disk = sum(p.stat().st_blocks * 512 for p in archive_dir.iterdir() if p.is_file())
@@ -440,7 +471,11 @@ def bench_memory(loaded: LoadedModel, config: RetrievalConfig, tokens: int = 122
     metrics["tokens"] = receipts.metric(bill["tokens"], "tokens")
     metrics["cold_tokens"] = receipts.metric(bill["cold_tokens"], "tokens")
     metrics["resident_fraction_of_fp16"] = receipts.metric(round(bill["resident_fraction_of_fp16"], 6), "fraction")
-    return {"config": {**asdict(config), "tokens": tokens}, "outputs": {"bill": bill}, "metrics": metrics,
+    if plot is not None:
+        plots.draw_memory_bill(series, plot)
+    return {"config": {**asdict(config), "tokens": tokens, "points": points},
+            "outputs": {"bill": bill, "series": series, "plot": receipts.portable_path(plot) if plot else None},
+            "metrics": metrics,
             "gates": {"resident_at_most_1_25_of_fp16": receipts.gate(
                 bill["resident_fraction_of_fp16"] <= 1 / 25 + 1e-12,
                 {"fraction": bill["resident_fraction_of_fp16"]})}}

@@ -125,7 +125,32 @@ class _Tail:
         self.owner = None
 
 
-class InfiniteKVCache(Cache):
+class RoutedCache(Cache):
+    """A Cache that does its layers' attention itself: the attention function registered below hands it each layer's
+    post-RoPE query, key and value (`attend`), and the model's pre-hook tells it a forward begins (`begin_forward`).
+    InfiniteKVCache is one; the eviction baselines (infinitekv.policies) are the others, on the same path."""
+
+    token_ids: list[int]  # every token this cache has seen (-1 where a call passed embeddings)
+
+    def begin_forward(self, position_ids) -> None:
+        """Called before a model forward carrying this cache: its positions must continue the cache."""
+        start = self.get_seq_length()
+        if position_ids is not None:
+            first = int(position_ids.reshape(-1)[0])
+            if first != start:
+                raise IKVError(
+                    f"the inputs start at position {first}, but this {type(self).__name__} holds {start} tokens; "
+                    "pass model.generate the whole sequence (cached tokens + new ones), or model(...) only the new "
+                    "tokens"
+                )
+
+    def attend(self, layer: int, query, key, value, rope_tables, scale: float, sliding_window) -> torch.Tensor:
+        """One layer's attention: query [1, Hq, T, D], key/value [1, Hk, T, D] post-RoPE (rope_tables: the cos/sin
+        the module used) -> [1, T, Hq, D]."""
+        raise NotImplementedError
+
+
+class InfiniteKVCache(RoutedCache):
     """A transformers Cache whose old tokens live in an InfiniteKV archive; see the module docstring."""
 
     def __init__(self, model, archive, config: RetrievalConfig, fingerprint: str, _tail: _Tail | None = None):
@@ -171,14 +196,7 @@ class InfiniteKVCache(Cache):
     def begin_forward(self, position_ids) -> None:
         """Called before a model forward carrying this cache (by the model's pre-hook)."""
         self._check_tail()
-        start = self.get_seq_length()
-        if position_ids is not None:
-            first = int(position_ids.reshape(-1)[0])
-            if first != start:
-                raise IKVError(
-                    f"the inputs start at position {first}, but this InfiniteKVCache holds {start} tokens; pass "
-                    "model.generate the whole sequence (cached tokens + new ones), or model(...) only the new tokens"
-                )
+        super().begin_forward(position_ids)
 
     def attend(self, layer: int, query, key, value, rope_tables, scale: float, sliding_window) -> torch.Tensor:
         """The registered attention for one layer: query [1, Hq, T, D], key/value [1, Hk, T, D] post-RoPE ->
@@ -363,8 +381,8 @@ def checked_state(arrays: dict, meta: dict, n_layers: int, where) -> RetrievalCo
 
 # ---- wiring into transformers ---------------------------------------------------------------------------------
 def infinitekv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The attention function registered as "infinitekv": retrieval attention when the call carries an
-    InfiniteKVCache, transformers' SDPA attention otherwise."""
+    """The attention function registered as "infinitekv": the cache's own attention when the call carries a
+    RoutedCache (retrieval for an InfiniteKVCache), transformers' SDPA attention otherwise."""
     route = _routes.pop(module, None)
     if route is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -382,7 +400,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # calls without an Infini
 def route_attention(module, args, kwargs):
     """Forward pre-hook on an attention module: remember the cache and RoPE tables of this call."""
     cache = kwargs.get("past_key_values")
-    if isinstance(cache, InfiniteKVCache):
+    if isinstance(cache, RoutedCache):
         cos, sin = kwargs["position_embeddings"]
         _routes[module] = (cache, cos, sin)
     else:
@@ -390,18 +408,18 @@ def route_attention(module, args, kwargs):
 
 
 def begin_model_forward(model, args, kwargs):
-    """Forward pre-hook on the model: a call carrying an InfiniteKVCache records its token ids and checks that its
+    """Forward pre-hook on the model: a call carrying a RoutedCache records its token ids and checks that its
     positions continue the cache."""
     cache = kwargs.get("past_key_values")
-    if not isinstance(cache, InfiniteKVCache):
+    if not isinstance(cache, RoutedCache):
         return
     ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     length = ids.shape[-1] if ids is not None else embeds.shape[1]
     batch = ids.shape[0] if ids is not None else embeds.shape[0]
     if batch != 1:
-        raise IKVError(f"an InfiniteKVCache holds one sequence, got a batch of {batch}; generate one prompt at a "
-                       "time, with greedy or sampling (no beam search, num_return_sequences=1)")
+        raise IKVError(f"this {type(cache).__name__} holds one sequence, got a batch of {batch}; generate one prompt "
+                       "at a time, with greedy or sampling (no beam search, num_return_sequences=1)")
     cache.begin_forward(kwargs.get("position_ids"))
     cache.token_ids.extend(ids[0].tolist() if ids is not None else [-1] * length)
 

@@ -21,6 +21,7 @@ from infinitekv.archive import UNPACK_MAX_BYTES
 from infinitekv.engine import CHECKPOINT_EVERY
 from infinitekv.errors import IKVError
 from infinitekv.models import DEFAULT_MODEL
+from infinitekv.policies import POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="InfiniteKV: never drop a token of context.")
 archive_app = typer.Typer(no_args_is_help=True, help="Pack, unpack and manage archives.")
@@ -622,12 +623,49 @@ def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_
 @bench_app.command("memory")
 def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                  top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK,
-                 tokens: int = typer.Option(12288, help="Tokens to read into a disk archive.")) -> None:
-    """The memory bill: bytes on device, resident in RAM, on disk, against the fp16 KV cache."""
-    from infinitekv import bench
+                 tokens: int = typer.Option(12288, help="Tokens to read into a disk archive."),
+                 points: int = typer.Option(8, min=1, help="Context lengths on the way at which the bill is drawn."),
+                 plot: Optional[Path] = typer.Option(None, help="PNG path (default: beside the receipt).")) -> None:
+    """The memory bill: bytes on device, resident in RAM, on disk, against the fp16 KV cache; and as a picture."""
+    from infinitekv import bench, receipts
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
-    _bench("memory", model, receipt, lambda loaded: bench.bench_memory(loaded, config, tokens))
+    path = receipt or receipts.default_receipt_path("memory")
+    _bench("memory", model, path, lambda loaded: bench.bench_memory(loaded, config, tokens, points,
+                                                                     plot or path.with_suffix(".png")))
+
+
+@bench_app.command("baselines")
+def bench_baselines(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+                    budget: int = typer.Option(1100, min=1, help="Resident tokens per layer and kv-head, for all."),
+                    systems: str = typer.Option(",".join([*POLICIES, "infinitekv"]), help="Comma-separated."),
+                    lengths: str = typer.Option("4096,12288,32768", help="Passkey context lengths ('' skips)."),
+                    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Passkey depths, comma-separated."),
+                    task_lengths: str = typer.Option("4096,8192,12288", help="Task-suite lengths ('' skips)."),
+                    kinds: str = typer.Option(",".join(KINDS), help="Task kinds, comma-separated."),
+                    cases: int = typer.Option(1, min=1, help="Cases per task kind and length."),
+                    quality_lengths: str = typer.Option("2048,4096,8192", help="KL/top-1 lengths ('' skips)."),
+                    positions: int = typer.Option(256, min=1, help="Teacher-forced positions per text."),
+                    kl_budgets: str = typer.Option("256,512,1100", help="Budgets of the KL-vs-budget sweep."),
+                    full_up_to: int = typer.Option(12288, help="Longest context keep_all (the full cache) runs."),
+                    top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT,
+                    chunk_size: Optional[int] = _CHUNK) -> None:
+    """Eviction policies and InfiniteKV side by side at one resident budget: passkey grid, task suite, KL/top-1
+    against the unmodified model, resident bytes and ms/token; one receipt and PNG plots beside it."""
+    from infinitekv import baselines, receipts
+
+    numbers = lambda text, kind=int: tuple(kind(x) for x in text.split(",") if x.strip())  # noqa: E731
+    unknown = sorted(set(systems.split(",")) - set(baselines.SYSTEMS)) + sorted(set(kinds.split(",")) - set(KINDS))
+    if unknown:
+        fail(f"unknown system or task kind {unknown[0]!r}; systems: {', '.join(baselines.SYSTEMS)}; kinds: "
+             f"{', '.join(KINDS)}")
+    grid = dict(lengths=numbers(lengths), depths=numbers(depths, float), task_lengths=numbers(task_lengths),
+                kinds=tuple(kinds.split(",")), cases=cases, quality_lengths=numbers(quality_lengths),
+                positions=positions, kl_budgets=numbers(kl_budgets), full_up_to=full_up_to)
+    config = _bench_config(None, top_k_cold, shortlist, chunk_size)
+    path = receipt or receipts.default_receipt_path("baselines")
+    _bench("baselines", model, path, lambda loaded: baselines.bench_baselines(
+        loaded, config, budget, tuple(systems.split(",")), **grid, plots_beside=path))
 
 
 @bench_app.command("speed")

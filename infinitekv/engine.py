@@ -1,6 +1,7 @@
 """The engine's entry points: `enable()` switches a model to retrieval attention and yields an `InfiniteKVCache`
 (cache.py) for `model.generate` and pipelines; `open_session()` adds a `Session` on top, the chat convenience the CLI
-and the server use (ask, checkpointed reads, commit and resume).
+and the server use (ask, checkpointed reads, commit and resume). With `policy=` both give an eviction baseline
+instead (`infinitekv.policies`: an EvictingCache on the same attention path, for comparison).
 
     with infinitekv.enable(model, archive="./mem") as cache:
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
@@ -28,9 +29,10 @@ import torch
 from infinitekv import adapters, codec
 from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
-from infinitekv.cache import ATTENTION, InfiniteKVCache, begin_model_forward, route_attention, forward_ids
+from infinitekv.cache import ATTENTION, InfiniteKVCache, RoutedCache, begin_model_forward, forward_ids, route_attention
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
+from infinitekv.policies import EvictingCache, Policy, check_policy
 
 CHECKPOINT_EVERY = 8  # prefill chunks between checkpoints of a disk archive (8 x 512 tokens); 0 turns them off
 
@@ -38,7 +40,7 @@ CHECKPOINT_EVERY = 8  # prefill chunks between checkpoints of a disk archive (8 
 class Session:
     """A conversation over an InfiniteKVCache: chat turns, checkpointed reads, greedy or sampled replies."""
 
-    def __init__(self, model, tokenizer, cache: InfiniteKVCache):
+    def __init__(self, model, tokenizer, cache: RoutedCache):  # an InfiniteKVCache, or an EvictingCache (no archive)
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -77,7 +79,9 @@ class Session:
         start = time.perf_counter()
         chunk = self.config.chunk_size
         n_chunks = (len(ids) + chunk - 1) // chunk
-        checkpoints = self.checkpoint_every if self.archive.mode == "disk" and self.archive.writable else 0
+        archive = self.archive  # None under an eviction policy: nothing to checkpoint
+        durable = archive is not None and archive.mode == "disk" and archive.writable
+        checkpoints = self.checkpoint_every if durable else 0
         for index in range(n_chunks):
             logits = self._forward(ids[index * chunk : (index + 1) * chunk])
             if checkpoints and (index + 1) % checkpoints == 0 and index + 1 < n_chunks:
@@ -270,46 +274,71 @@ def _open_archive(model, archive, mode: str, resume: bool, fingerprint: str,
 
 @contextlib.contextmanager
 def enable(model, *, archive: str | Archive | None = None, mode: str = "disk", config: RetrievalConfig | None = None,
-           resume: bool = False, fingerprint: str | None = None):
+           resume: bool = False, fingerprint: str | None = None, policy: Policy | None = None):
     """Switch retrieval attention on for `model` and yield its InfiniteKVCache; restores the model on exit, always.
 
     archive: a directory (created, or reopened with resume=True), an open Archive, or None for an in-RAM archive.
     Inside, `model.generate(..., past_key_values=cache)` uses the cache; a `generate` call (or a pipeline) that
     passes no cache gets a fresh in-RAM InfiniteKVCache of its own, so each call reads its prompt from scratch with
     bounded memory.
+    policy: an eviction baseline (`infinitekv.policies`) instead of retrieval: the cache yielded is an
+    EvictingCache holding at most the policy's budget, on the same attention path; config's chunk_size and
+    dense_up_to apply, and there is no archive.
     """
     adapters.check_supported(model)
     config = RetrievalConfig.for_model(model.config, **asdict(config or RetrievalConfig()))
+    if policy is not None:
+        if archive is not None or resume:
+            raise IKVError(f"the {policy.name} policy keeps no archive: it drops what it evicts; run it without "
+                           "--archive and --resume")
+        check_policy(policy, model, config.chunk_size)
+        with _routed(model, lambda: EvictingCache(model, policy, config)):
+            yield EvictingCache(model, policy, config)
+        return
     check_budget(model, config)
     fingerprint = fingerprint or weights_sha256(model)
     store, owned = _open_archive(model, archive, mode, resume, fingerprint, config.rotation_seed)
-    previous = model.config._attn_implementation
-    handles = []
     try:
         cache = InfiniteKVCache(model, store, config, fingerprint)
         if resume:
             cache.restore()
+
+        def ram_cache():
+            return InfiniteKVCache(model, new_archive(None, model, fingerprint, config.rotation_seed), config,
+                                   fingerprint)
+
+        with _routed(model, ram_cache):
+            yield cache
+    finally:
+        if owned:
+            store.close()
+
+
+@contextlib.contextmanager
+def _routed(model, fresh_cache: Callable[[], RoutedCache]):
+    """Inside: the model's attention goes through the function registered in cache.py for calls carrying a
+    RoutedCache, and a `generate` call that passes no cache gets `fresh_cache()`. Restored on exit, always."""
+    previous = model.config._attn_implementation
+    handles = []
+    try:
         model.set_attn_implementation(ATTENTION)
         handles.append(model.register_forward_pre_hook(begin_model_forward, with_kwargs=True))
         handles += [attn.register_forward_pre_hook(route_attention, with_kwargs=True)
                     for attn in adapters.attention_modules(model)]
-        model._prepare_cache_for_generation = types.MethodType(_fresh_cache_unless_given(config, fingerprint), model)
-        yield cache
+        model._prepare_cache_for_generation = types.MethodType(_fresh_cache_unless_given(fresh_cache), model)
+        yield
     finally:
         for handle in handles:
             handle.remove()
         model.__dict__.pop("_prepare_cache_for_generation", None)
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
-        if owned:
-            store.close()
 
 
-def _fresh_cache_unless_given(config: RetrievalConfig, fingerprint: str):
+def _fresh_cache_unless_given(fresh_cache: Callable[[], RoutedCache]):
     def prepare(model, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            ram = new_archive(None, model, fingerprint, config.rotation_seed)
-            model_kwargs["past_key_values"] = InfiniteKVCache(model, ram, config, fingerprint)
+            model_kwargs["past_key_values"] = fresh_cache()
         return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 
     return prepare
@@ -317,9 +346,11 @@ def _fresh_cache_unless_given(config: RetrievalConfig, fingerprint: str):
 
 @contextlib.contextmanager
 def open_session(model, *, tokenizer=None, archive: str | Archive | None = None, mode: str = "disk",
-                 config: RetrievalConfig | None = None, resume: bool = False, fingerprint: str | None = None):
+                 config: RetrievalConfig | None = None, resume: bool = False, fingerprint: str | None = None,
+                 policy: Policy | None = None):
     """`enable()` plus a Session on its cache (resumed from the archive's conversation with resume=True)."""
-    with enable(model, archive=archive, mode=mode, config=config, resume=resume, fingerprint=fingerprint) as cache:
+    with enable(model, archive=archive, mode=mode, config=config, resume=resume, fingerprint=fingerprint,
+                policy=policy) as cache:
         session = Session(model, tokenizer, cache)
         if resume:
             session.take_conversation(*cache.restored)
