@@ -1,4 +1,4 @@
-"""Retrieval attention's pieces on small shapes: per-query selection, the merged softmax, the RoPE tables."""
+"""Retrieval attention's pieces on small shapes: block selection, the merged softmax, the RoPE tables."""
 
 from __future__ import annotations
 
@@ -11,23 +11,34 @@ from infinitekv.attention import RetrievalConfig, attend_with_retrieved, select_
 from infinitekv.coverage import ColdRecords
 
 
-def test_queries_of_one_block_each_get_their_own_best_cold_tokens():
-    """Two queries share a block (one first-stage scan) but want different tokens: each gets its own. A selection
-    shared by the block (the union's best by max over its queries) would give both the same token."""
+def _two_queries_wanting_different_tokens(select_block: int) -> np.ndarray:
+    """Token 17 points along axis 0 (a strong match for query 0), token 150 along axis 1 (a weaker match for query
+    1); each query wants its own; one token is retrieved."""
     d, n = 64, 200
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((n, 1, d)).astype(np.float32) * 0.1
     keys[17, 0, :] = 0
-    keys[17, 0, 0] = 3.0  # token 17 points along axis 0
+    keys[17, 0, 0] = 3.0
     keys[150, 0, :] = 0
-    keys[150, 0, 1] = 2.0  # token 150 along axis 1, a weaker match
+    keys[150, 0, 1] = 2.0
     records = codec.encode_records(keys.reshape(n, d), np.zeros((n, d), np.float32)).reshape(n, 1, -1)
     queries = np.zeros((1, 2, 1, d), np.float32)  # [Hk, C, G, D]
     queries[0, 0, 0, 0] = 1.0
     queries[0, 1, 0, 1] = 1.0
-    config = RetrievalConfig(shortlist=n, select_block=2)
-    ids = select_cold(ColdRecords(records, d, np.eye(d, dtype=np.float32)), 0, queries, select_blocks(2, 2), config, 1)
+    config = RetrievalConfig(shortlist=n, select_block=select_block)
+    return select_cold(ColdRecords(records, d, np.eye(d, dtype=np.float32)), 0, queries,
+                       select_blocks(2, select_block), config, 1)
+
+
+def test_the_queries_of_a_block_share_the_blocks_best_cold_tokens():
+    """One block: both queries get the token with the highest score over the block's queries (the max)."""
+    ids = _two_queries_wanting_different_tokens(select_block=2)
     assert ids.shape == (1, 2, 1)
+    assert ids[0, 0, 0] == 17 and ids[0, 1, 0] == 17
+
+
+def test_a_block_of_one_query_gets_its_own_best_cold_tokens():
+    ids = _two_queries_wanting_different_tokens(select_block=1)
     assert ids[0, 0, 0] == 17 and ids[0, 1, 0] == 150
 
 
