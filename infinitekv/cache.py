@@ -24,9 +24,11 @@ of the same archive writes; that one then takes over the tail, and the first mus
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import weakref
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -62,48 +64,56 @@ class Counters:
         return self.extra.get("cold_tokens_attended", 0) / max(1, self.extra.get("query_tokens", 0))
 
 
-class RetrievalLayer(CacheLayerMixin):
-    """One decoder layer's slot in an InfiniteKVCache: its hot tier. Cold tokens live in the shared archive."""
+class RoutedLayer(CacheLayerMixin):
+    """A decoder layer's slot in a RoutedCache: the cache's `attend` keeps the layer's tokens (so `update` keeps
+    nothing), builds its own masks, and holds one sequence (no batches, no beams)."""
 
     is_compileable = False
-    is_croppable = False  # only whole-cache crops to a committed point (InfiniteKVCache.crop)
+    is_croppable = False
+    cache_name: ClassVar[str] = "RoutedCache"  # named in the errors below
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # the attention function stores the chunk (the cache's `attend`): nothing to keep here
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0  # the cache's attention builds its own masks; transformers' covers the new tokens only
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise IKVError(f"beam search is not supported with an {self.cache_name} (it holds one sequence); use greedy "
+                       "or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise IKVError(f"an {self.cache_name} holds one sequence; generate one sequence at a time "
+                           "(num_return_sequences=1, num_beams=1)")
+
+    def batch_select_indices(self, indices) -> None:
+        if len(indices) != 1:
+            raise IKVError(f"an {self.cache_name} holds one sequence; generate one sequence at a time")
+
+
+class RetrievalLayer(RoutedLayer):
+    """One decoder layer's slot in an InfiniteKVCache: its hot tier. Cold tokens live in the shared archive."""
+
+    cache_name = "InfiniteKVCache"
 
     def __init__(self, cache: "InfiniteKVCache", index: int, memory: LayerMemory):
         super().__init__()
         self.cache, self.index, self.memory = cache, index, memory
         self.is_initialized = True
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        # the attention function stores the chunk (pre-RoPE, after retrieval): nothing to keep here
-        return key_states, value_states
-
     def get_seq_length(self) -> int:
         return self.cache.layer_length(self.index)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0  # retrieval attention builds its own masks; transformers' covers the new tokens only
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         raise IKVError("an InfiniteKVCache cannot be reset in place; crop it to a committed point or open a new one")
-
-    def reorder_cache(self, beam_idx) -> None:
-        raise IKVError("beam search is not supported with an InfiniteKVCache (it holds one sequence); use greedy or "
-                       "sampling")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise IKVError("an InfiniteKVCache holds one sequence; generate one sequence at a time "
-                           "(num_return_sequences=1, num_beams=1)")
-
-    def batch_select_indices(self, indices) -> None:
-        if len(indices) != 1:
-            raise IKVError("an InfiniteKVCache holds one sequence; generate one sequence at a time")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise IKVError("an InfiniteKVCache crops only as a whole, to a committed point: cache.crop(n)")
@@ -125,7 +135,7 @@ class _Tail:
         self.owner = None
 
 
-class RoutedCache(Cache):
+class RoutedCache(Cache, metaclass=abc.ABCMeta):
     """A Cache that does its layers' attention itself: the attention function registered below hands it each layer's
     post-RoPE query, key and value (`attend`), and the model's pre-hook tells it a forward begins (`begin_forward`).
     InfiniteKVCache is one; the eviction baselines (infinitekv.policies) are the others, on the same path."""
@@ -144,10 +154,10 @@ class RoutedCache(Cache):
                     "tokens"
                 )
 
+    @abc.abstractmethod
     def attend(self, layer: int, query, key, value, rope_tables, scale: float, sliding_window) -> torch.Tensor:
         """One layer's attention: query [1, Hq, T, D], key/value [1, Hk, T, D] post-RoPE (rope_tables: the cos/sin
         the module used) -> [1, T, Hq, D]."""
-        raise NotImplementedError
 
 
 class InfiniteKVCache(RoutedCache):

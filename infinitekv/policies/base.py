@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ class CacheView:
 
 
 @dataclass
-class Policy:
+class Policy(abc.ABC):
     """Keep at most `budget` tokens per layer and kv-head; drop the rest for good (equal resident memory)."""
 
     budget: int | None  # resident tokens per layer and kv-head after every step; None keeps everything
@@ -28,9 +29,9 @@ class Policy:
     # runs fused without materialising its probabilities
     attention_decay: ClassVar[float | None] = None
 
+    @abc.abstractmethod
     def keep(self, view: CacheView) -> torch.Tensor:
         """Indices into the view [Hk, budget], ascending, of the tokens to keep."""
-        raise NotImplementedError
 
 
 def top_budget(priority: torch.Tensor, budget: int) -> torch.Tensor:

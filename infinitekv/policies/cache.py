@@ -30,21 +30,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from transformers.cache_utils import CacheLayerMixin
 
 from infinitekv import adapters
 from infinitekv.attention import RetrievalConfig, Rope, apply_rope
-from infinitekv.cache import Counters, RoutedCache
+from infinitekv.cache import Counters, RoutedCache, RoutedLayer
 from infinitekv.errors import IKVError
 from infinitekv.policies.base import CacheView, Policy
 
 
-class EvictingLayer(CacheLayerMixin):
+class EvictingLayer(RoutedLayer):
     """One layer's resident tokens, per kv-head in ascending position: keys RoPE'd at their true positions, values,
     the true positions and the policy's running attention score."""
 
-    is_compileable = False
-    is_croppable = False
+    cache_name = "EvictingCache"
 
     def __init__(self, n_heads: int, head_dim: int, device, dtype):
         super().__init__()
@@ -72,38 +70,12 @@ class EvictingLayer(CacheLayerMixin):
         self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
         self.positions, self.scores = self.positions.gather(1, kept), self.scores.gather(1, kept)
 
-    # ---- what transformers asks of a cache layer -------------------------------------------------------------
-    def lazy_initialization(self, key_states, value_states) -> None:
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        # the attention function keeps and trims the chunk (EvictingCache.attend): nothing to do here
-        return key_states, value_states
-
+    # ---- what transformers asks of a cache layer (the rest: RoutedLayer) ------------------------------------
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0  # attend builds its own masks; transformers' covers the new tokens only
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.__init__(self.keys.shape[1], self.keys.shape[3], self.keys.device, self.keys.dtype)
-
-    def reorder_cache(self, beam_idx) -> None:
-        raise IKVError("beam search is not supported with an EvictingCache (it holds one sequence); use greedy or "
-                       "sampling")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise IKVError("an EvictingCache holds one sequence; generate one sequence at a time "
-                           "(num_return_sequences=1, num_beams=1)")
-
-    def batch_select_indices(self, indices) -> None:
-        if len(indices) != 1:
-            raise IKVError("an EvictingCache holds one sequence; generate one sequence at a time")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise IKVError("an EvictingCache cannot be cropped: the tokens it evicted are gone; open a new one")
