@@ -20,7 +20,7 @@ from infinitekv.attention import RetrievalConfig
 from infinitekv.corpus import english_text
 from infinitekv.engine import open_session
 from infinitekv.models import LoadedModel, weights_sha256
-from infinitekv.needles import passkey
+from infinitekv.needles import passkey, two_facts
 from infinitekv.tasks import KINDS, ROOM, make_case, score
 
 
@@ -190,7 +190,6 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
     question then feeds only its own tokens, and no answer leaks into the next (each is also asked again on the
     document's own cache after `crop`, which must give the same reply)."""
     from infinitekv.engine import enable
-    from infinitekv.needles import two_facts
 
     config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -225,12 +224,15 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
             row["same_reply_after_crop"] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == \
                 row["reply"]
         cold = len(cache.archive.signatures(0))
+    reference_tokens = min(tokens, adapters.trained_window(model.config) - REFERENCE_ROOM)
+    reference = unmodified_two_facts(loaded, reference_tokens, max_new_tokens)
     metrics = {
         "document_tokens": {"value": shared, "unit": "tokens"},
         "cold_tokens": {"value": cold, "unit": "tokens"},
         "read_seconds": {"value": round(read_seconds, 1), "unit": "s"},
         "max_question_prefill_tokens": {"value": max(r["prefill_tokens"] for r in rows), "unit": "tokens"},
         "correct": {"value": sum(r["correct"] for r in rows), "unit": f"of {len(rows)}"},
+        "unmodified_correct_inside_window": {"value": sum(r["correct"] for r in reference), "unit": f"of {len(rows)}"},
     }
     gates = {
         "answers_from_forks": receipts.gate(all(r["correct"] for r in rows), "every forked question answered correctly"),
@@ -241,9 +243,32 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
     }
     return {"config": {**asdict(config), "tokens": tokens, "max_new_tokens": max_new_tokens, "archive": "disk",
                        "text": "pydoc_data.topics (Python standard library documentation) with two planted facts"},
-            "outputs": {"questions": rows}, "metrics": metrics, "gates": gates,
+            "outputs": {"questions": rows, "unmodified_inside_window": {"tokens": reference_tokens,
+                                                                          "questions": reference}},
+            "metrics": metrics, "gates": gates,
             "inputs": {"document": {"sha256": hashlib.sha256(document.encode()).hexdigest(),
                                     "bytes": len(document.encode())}}}
+
+
+REFERENCE_ROOM = 512  # tokens left inside the trained window for the question and the answer
+
+
+def unmodified_two_facts(loaded: LoadedModel, tokens: int, max_new_tokens: int) -> list[dict]:
+    """The same two facts asked of the unmodified model (full cache) in a document short enough for its trained
+    window: what the model itself answers, so a miss past the window can be told from a question it never gets."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    _, needles = two_facts(tokenizer, tokens)
+    rows = []
+    for needle in needles:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": needle.document + "\n\n" + needle.question}],
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        rows.append({"question": needle.question, "expected": needle.answer, "reply": reply,
+                     "correct": needle.answer in reply})
+    return rows
 
 
 def task_cases(tokenizer, lengths, kinds=KINDS, cases: int = 1, seed: int = 0):
@@ -354,8 +379,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
         positions = np.linspace(length - 8 * block, length - 1, queries).astype(int)
         table = {mode: {part: np.zeros((n_layers, n_kv)) for part in ("retrieved", "oracle", "hot")}
                  for mode in ("decode", "prefill")}
-        for layer in range(n_layers):
-            attn = adapters.attention_modules(model)[layer]
+        for layer, attn in enumerate(adapters.attention_modules(model)):
             q_pre, k_pre = all_q[layer], all_k[layer]
             key_mean = k_pre[:, s : s + w + config.evict_batch].mean(dim=1).numpy()
             centred = ((k_pre[:, s:].numpy() - key_mean[:, None]) @ rotation.T).transpose(1, 0, 2)  # [n, Hk, D]

@@ -245,6 +245,9 @@ def check_budget(model, config: RetrievalConfig) -> None:
     for name in ("sinks", "hot_window", "top_k_cold", "chunk_size", "shortlist", "select_block", "evict_batch"):
         if getattr(config, name) < (0 if name in ("sinks", "top_k_cold") else 1):
             raise IKVError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.shortlist < config.top_k_cold:
+        raise IKVError(f"--shortlist {config.shortlist} is smaller than --top-k-cold {config.top_k_cold}: the rerank "
+                       "keeps top-k-cold of the shortlist; raise --shortlist or lower --top-k-cold")
 
 
 def new_archive(path, model, fingerprint: str, rotation_seed: int = 0) -> Archive:

@@ -130,6 +130,13 @@ def test_budget_beyond_trained_window_is_refused_with_the_fix():
             pass
 
 
+def test_a_shortlist_smaller_than_the_cold_budget_is_refused_with_the_fix():
+    with pytest.raises(IKVError, match="--shortlist 16 is smaller than --top-k-cold 32.*raise --shortlist"):
+        with open_session(tiny_model("llama"), config=RetrievalConfig(hot_window=64, top_k_cold=32, shortlist=16),
+                          mode="ram"):
+            pass
+
+
 def test_unsupported_architecture_is_refused():
     import transformers
 

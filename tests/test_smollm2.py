@@ -167,3 +167,18 @@ def test_recall_bench_reads_the_models_own_queries_and_keys(smollm2):
     assert parts["metrics"]
     for metric in parts["metrics"].values():
         assert 0 <= metric["value"] <= 1
+
+
+def test_fork_bench_asks_each_question_on_its_own_fork_and_the_unmodified_model_beside_it(smollm2, tmp_path):
+    from infinitekv.bench import bench_fork
+
+    config = RetrievalConfig(dense_up_to=0, hot_window=256)  # retrieval from the first spill on a short document
+    parts = bench_fork(smollm2, config, tmp_path / "mem", tokens=1200, max_new_tokens=6)
+    rows = parts["outputs"]["questions"]
+    assert len(rows) == 2 and parts["metrics"]["cold_tokens"]["value"] > 0
+    assert parts["gates"]["no_reread"]["verdict"] == "pass" and parts["gates"]["no_leak"]["verdict"] == "pass"
+    reference = parts["outputs"]["unmodified_inside_window"]
+    assert reference["tokens"] == 1200
+    assert [r["expected"] for r in reference["questions"]] == [r["expected"] for r in rows]
+    assert parts["metrics"]["unmodified_correct_inside_window"]["value"] == sum(
+        r["correct"] for r in reference["questions"])
