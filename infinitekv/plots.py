@@ -49,20 +49,21 @@ def draw_baselines(systems, cells: list[dict], rows: list[dict], quality: list[d
     if plt is None:
         return {}
     paths = {kind: receipt.with_name(f"{receipt.stem}-{kind}.png") for kind in ("accuracy", "kl", "bytes")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in systems:
-        for axis, items, key in ((axes[0], cells, "found"), (axes[1], rows, "score")):
+    panels = [(items, key, title) for items, key, title in ((cells, "found", "passkey: fraction of depths found"),
+                                                            (rows, "score", "task suite: mean score")) if items]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    for axis, (items, key, title) in zip(axes[0], panels):  # a part of the grid that was skipped gets no panel
+        for name in systems:
             mine = [c for c in items if c["system"] == name]
             lengths = sorted({c["length"] for c in mine})
             if lengths:
                 axis.plot(lengths, [np.mean([c[key] for c in mine if c["length"] == n]) for n in lengths], "o-",
                           label=name)
-    for axis, title in ((axes[0], "passkey: fraction of depths found"), (axes[1], "task suite: mean score")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("context tokens")
         axis.set_ylim(-0.05, 1.05)
         axis.set_title(f"{title} (budget {budget:,})", fontsize=10)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(paths["accuracy"], dpi=100)
     plt.close(fig)
