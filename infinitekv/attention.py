@@ -242,10 +242,10 @@ def decode_cold(archive, layer: int, ids: np.ndarray):
     return keys, values
 
 
-def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
-                retrieved: int) -> np.ndarray:
-    """The cold tokens each query attends, per kv-head: ids [Hk, C, r] sorted ascending, r = `retrieved`; the
-    queries of one selection block share theirs.
+def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
+                       retrieved: int) -> np.ndarray:
+    """The cold tokens each selection block attends, per kv-head: ids [Hk, n_blocks, r] sorted ascending,
+    r = `retrieved`; the queries of one block share them.
 
     q_grouped: [Hk, C, G, D] float32 pre-RoPE queries, G query heads per kv-head. Per block, the first stage scans
     the signatures with the block's mean query for a shortlist; the rerank scores the shortlist with the int8 keys
@@ -270,9 +270,15 @@ def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: Retr
     rerank = codec.score_shortlist(archive.records(layer), shortlist, q_rotated, starts)  # [Hk, C, L]
     by_block = np.maximum.reduceat(rerank, starts[:-1], axis=1)  # [Hk, n_blocks, L]
     _, best = search.top_k_rows(by_block, retrieved)  # equal tokens have equal keys at layer 0: ties are common
-    chosen = np.sort(np.take_along_axis(shortlist.transpose(1, 0, 2), best, axis=-1), axis=-1)  # [Hk, n_blocks, r]
+    return np.sort(np.take_along_axis(shortlist.transpose(1, 0, 2), best, axis=-1), axis=-1)  # [Hk, n_blocks, r]
+
+
+def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
+                retrieved: int) -> np.ndarray:
+    """`select_cold_blocks`, per query: ids [Hk, C, r], each query given its block's tokens."""
+    starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     block_of_query = np.repeat(np.arange(len(blocks)), np.diff(starts))
-    return chosen[:, block_of_query]
+    return select_cold_blocks(archive, layer, q_grouped, blocks, config, retrieved)[:, block_of_query]
 
 
 @dataclass
@@ -331,11 +337,12 @@ def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int) 
 
 
 def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retrieved: int):
-    """Each query's retrieved keys, RoPE'd at the compact slots s..s+r-1, and values: [Hk, C, r, D] each."""
+    """Each selection block's retrieved keys, RoPE'd at the compact slots s..s+r-1, and values: [Hk, n_blocks, r, D]
+    each (the queries of a block share them, so they are decoded and turned once per block, not per query)."""
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
     q_grouped = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
-    ids = select_cold(cold.archive, layer, q_grouped, blocks, cold.config, retrieved)
+    ids = select_cold_blocks(cold.archive, layer, q_grouped, blocks, cold.config, retrieved)
     keys, values = decode_cold(cold.archive, layer, ids)
     device, dtype = q.device, q.dtype
     keys = cold.rope.rotate(torch.from_numpy(keys).to(device, dtype), s)
@@ -370,28 +377,36 @@ def chunk_attention(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale:
             queries[None], keys[None], values[None], attn_mask=mask, scale=scale,
             enable_gqa=n_q_heads != n_kv_heads,
         )[0]  # [Hq, C, D]
-    cold_k, cold_v = retrieve(cold, layer, memory, q, select_blocks(length, cold.config.select_block), retrieved)
-    return attend_with_retrieved(queries, keys, values, cold_k, cold_v, scale)
+    block = cold.config.select_block
+    cold_k, cold_v = retrieve(cold, layer, memory, q, select_blocks(length, block), retrieved)
+    return attend_with_retrieved(queries, keys, values, (cold_k, cold_v, block), scale)
 
 
-def attend_with_retrieved(queries, keys, values, cold_k, cold_v, scale: float) -> torch.Tensor:
-    """One softmax over shared keys and per-query keys.
+def attend_with_retrieved(queries, keys, values, retrieved, scale: float) -> torch.Tensor:
+    """One softmax over shared keys and per-block keys.
 
     queries [Hq, C, D]; keys, values [Hk, S, D], all seen by every query except the last C (the chunk itself),
-    seen causally; cold_k, cold_v [Hk, C, r, D], query c seeing only its own r. Returns [Hq, C, D].
+    seen causally; retrieved = (cold_k, cold_v, block): cold_k, cold_v [Hk, n_blocks, r, D], query c seeing only
+    block c // block's r. Returns [Hq, C, D].
     """
+    cold_k, cold_v, block = retrieved
     n_q_heads, length, head_dim = queries.shape
     n_kv_heads, n_shared = keys.shape[:2]
+    n_blocks = cold_k.shape[1]
     group = n_q_heads // n_kv_heads
     grouped = queries.reshape(n_kv_heads, group * length, head_dim)
     shared = torch.bmm(grouped, keys.transpose(1, 2)).view(n_kv_heads, group, length, n_shared)  # [Hk, G, C, S]
     future = torch.ones(length, length, dtype=torch.bool, device=queries.device).triu(1)
     shared[..., n_shared - length :].masked_fill_(future, float("-inf"))
-    by_query = grouped.view(n_kv_heads, group, length, head_dim).transpose(1, 2)  # [Hk, C, G, D]
-    own = torch.matmul(by_query, cold_k.transpose(2, 3))  # [Hk, C, G, r]
+    padded = n_blocks * block  # the last block may be short: its missing queries are zeros, dropped after
+    by_block = F.pad(grouped.view(n_kv_heads, group, length, head_dim).transpose(1, 2), (0, 0, 0, 0, 0, padded - length))
+    by_block = by_block.reshape(n_kv_heads, n_blocks, block * group, head_dim)  # [Hk, n_blocks, block*G, D]
+    own = torch.matmul(by_block, cold_k.transpose(2, 3)).view(n_kv_heads, padded, group, -1)[:, :length]
     probs = torch.softmax(torch.cat([shared, own.transpose(1, 2)], dim=-1) * scale, dim=-1)
     out = torch.bmm(probs[..., :n_shared].reshape(n_kv_heads, group * length, n_shared), values)
-    out_own = torch.matmul(probs[..., n_shared:].transpose(1, 2), cold_v)  # [Hk, C, G, D]
+    probs_own = F.pad(probs[..., n_shared:].transpose(1, 2), (0, 0, 0, 0, 0, padded - length))  # [Hk, padded, G, r]
+    out_own = torch.matmul(probs_own.reshape(n_kv_heads, n_blocks, block * group, -1), cold_v)
+    out_own = out_own.view(n_kv_heads, padded, group, head_dim)[:, :length]  # [Hk, C, G, D]
     return (out.view(n_kv_heads, group, length, head_dim) + out_own.transpose(1, 2)).reshape(
         n_q_heads, length, head_dim)
 

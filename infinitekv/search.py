@@ -356,34 +356,61 @@ def _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, 
         _score_block(sigs, words, weights, luts, qwords, kind, use_weights, lo, hi, out[:, lo - start : hi - start])
 
 
+@nb.njit(inline="always")
+def _order_key(bits):
+    # float32 bits (as int32) -> uint32 with the same order as the floats: negative floats flip every bit,
+    # non-negative ones only the sign bit; branch-free so the loop over a row vectorises
+    flip = (bits >> np.int32(31)) | np.int32(-(2**31))  # -1 for negatives, 0x80000000 otherwise
+    return np.uint32(bits ^ flip)
+
+
 @nb.njit(parallel=True, cache=True)
 def _select_dense(scores, k, offset, out_s, out_i):
-    # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first, ties to the lower index. Each score
-    # and its index are packed into one unique int64 (order-preserving float bits high, 0xFFFFFFFF - index low),
-    # so one O(n) partition finds the k-th key and no tie order is left to chance.
+    # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first, ties to the lower index.
+    # A radix select: a histogram of the top 12 bits of each score's order key finds the bucket holding the k-th
+    # best; sorting that bucket alone gives the k-th key T. Then one pass keeps every key above T and the first
+    # (lowest-index) keys equal to T, and only those k are sorted, packed with their index into unique uint64s.
     n_rows, n = scores.shape
+    if k == 0:
+        return
     for g in nb.prange(n_rows):
-        keys = np.empty(n, np.int64)
         bits = scores[g].view(np.int32)
+        keys = np.empty(n, np.uint32)
+        counts = np.zeros(4096, np.int64)
         for i in range(n):
-            b = np.int64(bits[i])
-            if b < 0:
-                b = b ^ 0x7FFFFFFF
-            keys[i] = (b << 32) | (0xFFFFFFFF - i)
-        threshold = np.partition(keys, n - k)[n - k]
-        best = np.empty(k, np.int64)
+            keys[i] = _order_key(bits[i])
+        for i in range(n):
+            counts[keys[i] >> np.uint32(20)] += 1
+        need = k  # how many of the best k are still to be found, from the top bucket down
+        bucket = 4095
+        while counts[bucket] < need:
+            need -= counts[bucket]
+            bucket -= 1
+        in_bucket = np.empty(counts[bucket], np.uint32)
+        m = 0
+        for i in range(n):
+            if keys[i] >> np.uint32(20) == bucket:
+                in_bucket[m] = keys[i]
+                m += 1
+        in_bucket.sort()
+        threshold = in_bucket[m - need]
+        equal_wanted = 0  # of the best k, how many have key == threshold: those with the lowest indices win
+        for j in range(m - need, m):
+            if in_bucket[j] == threshold:
+                equal_wanted += 1
+        best = np.empty(k, np.uint64)
         found = 0
         for i in range(n):
-            b = np.int64(bits[i])
-            if b < 0:
-                b = b ^ 0x7FFFFFFF
-            key = (b << 32) | (0xFFFFFFFF - i)
-            if key >= threshold:
-                best[found] = key
+            key = keys[i]
+            if key > threshold or (key == threshold and equal_wanted > 0):
+                if key == threshold:
+                    equal_wanted -= 1
+                best[found] = (np.uint64(key) << np.uint64(32)) | np.uint64(0xFFFFFFFF - i)
                 found += 1
-        best = np.sort(best)[::-1]
+        best.sort()
         for j in range(k):
-            index = 0xFFFFFFFF - (best[j] & 0xFFFFFFFF)
+            packed = best[k - 1 - j]
+            index = np.int64(0xFFFFFFFF - (packed & np.uint64(0xFFFFFFFF)))
             out_i[g, j] = index + offset
             out_s[g, j] = scores[g, index]
 

@@ -50,7 +50,7 @@ def test_merged_softmax_equals_attention_over_each_querys_own_keys():
     cold_k, cold_v = torch.randn(hk, c, r, d, generator=rng), torch.randn(hk, c, r, d, generator=rng)
     mask = torch.ones(c, s, dtype=torch.bool)
     mask[:, -c:] = torch.ones(c, c, dtype=torch.bool).tril()  # the last c shared keys are the chunk: causal
-    got = attend_with_retrieved(queries, keys, values, cold_k, cold_v, 0.5)
+    got = attend_with_retrieved(queries, keys, values, (cold_k, cold_v, 1), 0.5)
     for query in range(c):
         for head in range(hq):
             kv = head // (hq // hk)
@@ -58,3 +58,17 @@ def test_merged_softmax_equals_attention_over_each_querys_own_keys():
             v_all = torch.cat([values[kv][mask[query]], cold_v[kv, query]])
             want = F.softmax(queries[head, query] @ k_all.T * 0.5, dim=-1) @ v_all
             torch.testing.assert_close(got[head, query], want, rtol=1e-5, atol=1e-5)
+
+
+def test_queries_of_a_block_attend_their_blocks_keys_as_if_each_had_its_own_copy():
+    """Keys retrieved once per selection block (the last block short) give what per-query copies give."""
+    rng = torch.Generator().manual_seed(1)
+    hq, hk, c, s, r, d, block = 6, 2, 7, 9, 3, 8, 3
+    queries = torch.randn(hq, c, d, generator=rng)
+    keys, values = torch.randn(hk, s, d, generator=rng), torch.randn(hk, s, d, generator=rng)
+    n_blocks = len(select_blocks(c, block))
+    cold_k, cold_v = torch.randn(hk, n_blocks, r, d, generator=rng), torch.randn(hk, n_blocks, r, d, generator=rng)
+    of_query = torch.arange(c) // block
+    want = attend_with_retrieved(queries, keys, values, (cold_k[:, of_query], cold_v[:, of_query], 1), 0.5)
+    got = attend_with_retrieved(queries, keys, values, (cold_k, cold_v, block), 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
