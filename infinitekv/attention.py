@@ -276,8 +276,7 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
 def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
                 retrieved: int) -> np.ndarray:
     """`select_cold_blocks`, per query: ids [Hk, C, r], each query given its block's tokens."""
-    starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
-    block_of_query = np.repeat(np.arange(len(blocks)), np.diff(starts))
+    block_of_query = np.repeat(np.arange(len(blocks)), [b - a for a, b in blocks])
     return select_cold_blocks(archive, layer, q_grouped, blocks, config, retrieved)[:, block_of_query]
 
 
@@ -382,14 +381,14 @@ def chunk_attention(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale:
     return attend_with_retrieved(queries, keys, values, (cold_k, cold_v, block), scale)
 
 
-def attend_with_retrieved(queries, keys, values, retrieved, scale: float) -> torch.Tensor:
+def attend_with_retrieved(queries, keys, values, block_keys, scale: float) -> torch.Tensor:
     """One softmax over shared keys and per-block keys.
 
     queries [Hq, C, D]; keys, values [Hk, S, D], all seen by every query except the last C (the chunk itself),
-    seen causally; retrieved = (cold_k, cold_v, block): cold_k, cold_v [Hk, n_blocks, r, D], query c seeing only
-    block c // block's r. Returns [Hq, C, D].
+    seen causally; block_keys = (cold_k, cold_v, block): cold_k, cold_v [Hk, n_blocks, r, D] for the selection
+    blocks of `select_blocks(C, block)`, query c seeing only block c // block's r. Returns [Hq, C, D].
     """
-    cold_k, cold_v, block = retrieved
+    cold_k, cold_v, block = block_keys
     n_q_heads, length, head_dim = queries.shape
     n_kv_heads, n_shared = keys.shape[:2]
     n_blocks = cold_k.shape[1]

@@ -356,6 +356,10 @@ def _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, 
         _score_block(sigs, words, weights, luts, qwords, kind, use_weights, lo, hi, out[:, lo - start : hi - start])
 
 
+SELECT_BUCKET_BITS = 12  # _select_dense's histogram: the top 12 bits of each order key, 4,096 buckets
+_SELECT_SHIFT = 32 - SELECT_BUCKET_BITS
+
+
 @nb.njit(inline="always")
 def _order_key(bits):
     # float32 bits (as int32) -> uint32 with the same order as the floats: negative floats flip every bit,
@@ -367,7 +371,7 @@ def _order_key(bits):
 @nb.njit(parallel=True, cache=True)
 def _select_dense(scores, k, offset, out_s, out_i):
     # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first, ties to the lower index.
-    # A radix select: a histogram of the top 12 bits of each score's order key finds the bucket holding the k-th
+    # A radix select: a histogram of the top bits of each score's order key finds the bucket holding the k-th
     # best; sorting that bucket alone gives the k-th key T. Then one pass keeps every key above T and the first
     # (lowest-index) keys equal to T, and only those k are sorted, packed with their index into unique uint64s.
     n_rows, n = scores.shape
@@ -376,20 +380,20 @@ def _select_dense(scores, k, offset, out_s, out_i):
     for g in nb.prange(n_rows):
         bits = scores[g].view(np.int32)
         keys = np.empty(n, np.uint32)
-        counts = np.zeros(4096, np.int64)
+        counts = np.zeros(1 << SELECT_BUCKET_BITS, np.int64)
         for i in range(n):
             keys[i] = _order_key(bits[i])
         for i in range(n):
-            counts[keys[i] >> np.uint32(20)] += 1
+            counts[keys[i] >> np.uint32(_SELECT_SHIFT)] += 1
         need = k  # how many of the best k are still to be found, from the top bucket down
-        bucket = 4095
+        bucket = len(counts) - 1
         while counts[bucket] < need:
             need -= counts[bucket]
             bucket -= 1
         in_bucket = np.empty(counts[bucket], np.uint32)
         m = 0
         for i in range(n):
-            if keys[i] >> np.uint32(20) == bucket:
+            if keys[i] >> np.uint32(_SELECT_SHIFT) == bucket:
                 in_bucket[m] = keys[i]
                 m += 1
         in_bucket.sort()
