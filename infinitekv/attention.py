@@ -227,19 +227,11 @@ def selection_queries(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: in
 
 def decode_cold(archive, layer: int, ids: np.ndarray):
     """Dequantised pre-RoPE keys and values of cold tokens ids [Hk, ...] (each head its own ids): [Hk, ..., D]."""
-    records = archive.records(layer)
     rotation, key_mean = archive.rotation, archive.key_mean(layer)  # the R and mu these records were written with
-    n_heads = ids.shape[0]
-    head_dim = rotation.shape[0]
-    keys = np.empty(ids.shape + (head_dim,), np.float32)
-    values = np.empty(ids.shape + (head_dim,), np.float32)
-    for h in range(n_heads):  # each token decoded once, however many queries picked it
-        unique, inverse = np.unique(ids[h], return_inverse=True)
-        chosen = records[unique, h]
-        keys[h] = (codec.decode_keys_rotated(chosen, head_dim) @ rotation + key_mean[h])[inverse.reshape(
-            ids.shape[1:])]
-        values[h] = codec.decode_values(chosen, head_dim)[inverse.reshape(ids.shape[1:])]
-    return keys, values
+    rotated, values = codec.decode_rows(archive.records(layer), ids, rotation.shape[0])
+    n_heads, head_dim = ids.shape[0], rotation.shape[0]
+    keys = rotated.reshape(n_heads, -1, head_dim) @ rotation + key_mean[:, None, :]
+    return keys.reshape(rotated.shape), values
 
 
 def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
@@ -261,16 +253,16 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
     _, shortlist = search.search_many(
         archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
-        mode=config.search_mode, backend=config.search_backend,
-    )  # [n_blocks, Hk, L]
-    shortlist = np.sort(shortlist, axis=-1)  # token order: equal rerank scores then go to the lower token id
+        mode=config.search_mode, backend=config.search_backend, by_index=True,
+    )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     # max over the query heads of the group and the queries of the block: one head's strong interest (an induction
     # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
-    rerank = codec.score_shortlist(archive.records(layer), shortlist, q_rotated, starts)  # [Hk, C, L]
-    by_block = np.maximum.reduceat(rerank, starts[:-1], axis=1)  # [Hk, n_blocks, L]
-    _, best = search.top_k_rows(by_block, retrieved)  # equal tokens have equal keys at layer 0: ties are common
-    return np.sort(np.take_along_axis(shortlist.transpose(1, 0, 2), best, axis=-1), axis=-1)  # [Hk, n_blocks, r]
+    by_block = codec.score_shortlist(archive.records(layer), shortlist, q_rotated, starts)  # [Hk, n_blocks, L]
+    # equal tokens have equal keys at layer 0: ties are common. Picked by index from a shortlist in token order,
+    # the ids come out sorted
+    _, best = search.top_k_rows(by_block, retrieved, by_index=True)
+    return np.take_along_axis(shortlist.transpose(1, 0, 2), best, axis=-1)  # [Hk, n_blocks, r]
 
 
 def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
@@ -387,27 +379,60 @@ def attend_with_retrieved(queries, keys, values, block_keys, scale: float) -> to
     queries [Hq, C, D]; keys, values [Hk, S, D], all seen by every query except the last C (the chunk itself),
     seen causally; block_keys = (cold_k, cold_v, block): cold_k, cold_v [Hk, n_blocks, r, D] for the selection
     blocks of `select_blocks(C, block)`, query c seeing only block c // block's r. Returns [Hq, C, D].
+
+    Computed as three attentions, each with its log-sum-exp, merged (the softmax over the union of their keys):
+    the keys before the chunk, the chunk's own keys (causal), and each block's retrieved keys. None of them needs
+    a mask built per query or a [C, S] score matrix in memory, so each runs as one fused attention kernel.
     """
     cold_k, cold_v, block = block_keys
     n_q_heads, length, head_dim = queries.shape
     n_kv_heads, n_shared = keys.shape[:2]
     n_blocks = cold_k.shape[1]
     group = n_q_heads // n_kv_heads
-    grouped = queries.reshape(n_kv_heads, group * length, head_dim)
-    shared = torch.bmm(grouped, keys.transpose(1, 2)).view(n_kv_heads, group, length, n_shared)  # [Hk, G, C, S]
-    future = torch.ones(length, length, dtype=torch.bool, device=queries.device).triu(1)
-    shared[..., n_shared - length :].masked_fill_(future, float("-inf"))
+    parts = []
+    before = n_shared - length
+    if before:  # every query sees them: the group's query heads fold into one sequence per kv-head
+        out, lse = attention_with_lse(queries.reshape(1, n_kv_heads, group * length, head_dim),
+                                      keys[None, :, :before], values[None, :, :before], scale)
+        parts.append((out.reshape(n_q_heads, length, head_dim), lse.reshape(n_q_heads, length)))
+    chunk_k = keys[:, before:].repeat_interleave(group, dim=0)[None]
+    chunk_v = values[:, before:].repeat_interleave(group, dim=0)[None]
+    out, lse = attention_with_lse(queries[None], chunk_k, chunk_v, scale, causal=True)
+    parts.append((out[0], lse[0]))
     padded = n_blocks * block  # the last block may be short: its missing queries are zeros, dropped after
-    by_block = F.pad(grouped.view(n_kv_heads, group, length, head_dim).transpose(1, 2), (0, 0, 0, 0, 0, padded - length))
+    by_block = F.pad(queries.view(n_kv_heads, group, length, head_dim).transpose(1, 2), (0, 0, 0, 0, 0, padded - length))
     by_block = by_block.reshape(n_kv_heads, n_blocks, block * group, head_dim)  # [Hk, n_blocks, block*G, D]
-    own = torch.matmul(by_block, cold_k.transpose(2, 3)).view(n_kv_heads, padded, group, -1)[:, :length]
-    probs = torch.softmax(torch.cat([shared, own.transpose(1, 2)], dim=-1) * scale, dim=-1)
-    out = torch.bmm(probs[..., :n_shared].reshape(n_kv_heads, group * length, n_shared), values)
-    probs_own = F.pad(probs[..., n_shared:].transpose(1, 2), (0, 0, 0, 0, 0, padded - length))  # [Hk, padded, G, r]
-    out_own = torch.matmul(probs_own.reshape(n_kv_heads, n_blocks, block * group, -1), cold_v)
-    out_own = out_own.view(n_kv_heads, padded, group, head_dim)[:, :length]  # [Hk, C, G, D]
-    return (out.view(n_kv_heads, group, length, head_dim) + out_own.transpose(1, 2)).reshape(
-        n_q_heads, length, head_dim)
+    out, lse = attention_with_lse(by_block, cold_k, cold_v, scale)
+    out = out.reshape(n_kv_heads, padded, group, head_dim)[:, :length].transpose(1, 2)  # [Hk, G, C, D]
+    lse = lse.reshape(n_kv_heads, padded, group)[:, :length].transpose(1, 2)
+    parts.append((out.reshape(n_q_heads, length, head_dim), lse.reshape(n_q_heads, length)))
+    return merge_attention(parts).to(queries.dtype)
+
+
+def attention_with_lse(q, k, v, scale: float, causal: bool = False, fused: bool | None = None):
+    """softmax(q.k * scale) v over these keys alone, and its log-sum-exp: q [B, H, L, D], k, v [B, H, S, D] ->
+    (out [B, H, L, D], lse [B, H, L], both float32). causal: L == S, query i sees keys 0..i.
+    fused: PyTorch's fused CPU kernel, which returns the log-sum-exp with the output (default: on the CPU);
+    elsewhere the scores are materialised."""
+    if fused if fused is not None else q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
+        return out.float(), lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()), lse
+
+
+def merge_attention(parts) -> torch.Tensor:
+    """Attention over the union of several key sets from each set's (output, log-sum-exp): the outputs weighted by
+    each set's share of the total softmax mass."""
+    lse = torch.stack([part[1] for part in parts])
+    top = lse.max(dim=0).values
+    weights = torch.exp(lse - top)
+    weights = weights / weights.sum(dim=0)
+    return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
 
 
 def decode_step(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale: float, retrieved: int, position: int,

@@ -96,6 +96,41 @@ def decode_values(records: np.ndarray, head_dim: int) -> np.ndarray:
     return scales[..., 3:4].astype(np.float32) + codes * scales[..., 2:3].astype(np.float32)
 
 
+@nb.njit(parallel=True, cache=True)
+def _decode_rows(records, ids, keys, values):
+    # ids [H, M]: head h's tokens -> keys, values [H, M, D] float32, computed as decode_keys_rotated and
+    # decode_values compute them (float32 products and sums, no fused multiply-add), so both give the same bits
+    n_heads, m = ids.shape
+    d = keys.shape[2]
+    half = d // 2
+    at = d + half
+    for task in nb.prange(n_heads * m):
+        h = task // m
+        j = task % m
+        row = records[ids[h, j], h]
+        key_scale = np.float32(_half_to_float(np.int32(row[at]), np.int32(row[at + 1])))
+        value_scale = np.float32(_half_to_float(np.int32(row[at + 4]), np.int32(row[at + 5])))
+        value_min = np.float32(_half_to_float(np.int32(row[at + 6]), np.int32(row[at + 7])))
+        for e in range(d):
+            code = np.int32(row[e])
+            keys[h, j, e] = np.float32(code - 256 if code >= 128 else code) * key_scale
+        for e in range(half):
+            packed = np.int32(row[d + e])
+            values[h, j, 2 * e] = value_min + np.float32(packed & 15) * value_scale
+            values[h, j, 2 * e + 1] = value_min + np.float32(packed >> 4) * value_scale
+
+
+def decode_rows(records: np.ndarray, ids: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records [N, H, record_bytes] (may be a memmap) and token ids [H, ...] (each head its own) -> the
+    dequantised rotated keys x = R (k - mu) and values, float32 [H, ..., D] each, without copying the records."""
+    flat = np.ascontiguousarray(ids.reshape(ids.shape[0], -1), dtype=np.int64)
+    keys = np.empty(flat.shape + (head_dim,), np.float32)
+    values = np.empty(flat.shape + (head_dim,), np.float32)
+    with numba_threads_for(flat.size * head_dim * 4):
+        _decode_rows(records, flat, keys, values)
+    return keys.reshape(ids.shape + (head_dim,)), values.reshape(ids.shape + (head_dim,))
+
+
 def signatures_from_records(records: np.ndarray, head_dim: int) -> np.ndarray:
     """The derived search index: sign bits of the key codes, packed little-endian, [..., D/8] uint8.
 
@@ -132,22 +167,30 @@ def _score_shortlist(records, shortlist, queries, block_starts, out):
     for task in nb.prange(n_blocks * n_heads):
         b = task // n_heads
         h = task % n_heads
-        key = np.empty(d, dtype=np.float32)
+        # the candidates' key codes and scales are copied out first: a loop of plain loads keeps many of these
+        # scattered records in flight at once, where scoring each as it arrives waits on memory for every one
+        rows = np.empty((n_candidates, d + 2), np.uint8)
         for j in range(n_candidates):
             token = shortlist[b, h, j]
             for e in range(d):
-                code = np.int32(records[token, h, e])
+                rows[j, e] = records[token, h, e]
+            rows[j, d] = records[token, h, scale_at]
+            rows[j, d + 1] = records[token, h, scale_at + 1]
+        key = np.empty(d, dtype=np.float32)
+        for j in range(n_candidates):
+            for e in range(d):
+                code = np.int32(rows[j, e])
                 key[e] = code - 256 if code >= 128 else code
-            scale = _half_to_float(np.int32(records[token, h, scale_at]), np.int32(records[token, h, scale_at + 1]))
+            scale = _half_to_float(np.int32(rows[j, d]), np.int32(rows[j, d + 1]))
+            best = -np.inf
             for c in range(block_starts[b], block_starts[b + 1]):
-                best = -np.inf
                 for g in range(group):
                     dot = np.float32(0.0)
                     for e in range(d):
                         dot += key[e] * queries[h, c, g, e]
                     if dot > best:
                         best = dot
-                out[h, c, j] = best * scale
+            out[h, b, j] = best * scale
 
 
 def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndarray, block_starts: np.ndarray):
@@ -155,12 +198,12 @@ def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndar
 
     records [N, H, record_bytes] (may be a memmap); shortlist [n_blocks, H, L] token ids; queries [H, C, G, D] in
     the rotated basis, G query heads per kv-head; block b owns queries block_starts[b]:block_starts[b+1] and
-    shortlist[b]. Returns float32 [H, C, L]: for query c, the max over its G heads of q . x against its block's
-    candidates (x = dequantised R(k - mu)).
+    shortlist[b]. Returns float32 [H, n_blocks, L]: for block b, the max over its queries and their G heads of
+    q . x against its candidates (x = dequantised R(k - mu)).
     """
-    n_heads, length = queries.shape[:2]
-    out = np.empty((n_heads, length, shortlist.shape[2]), dtype=np.float32)
-    with numba_threads_for(out.size * queries.shape[2] * queries.shape[3]):
+    n_heads, n_blocks = queries.shape[0], shortlist.shape[0]
+    out = np.empty((n_heads, n_blocks, shortlist.shape[2]), dtype=np.float32)
+    with numba_threads_for(shortlist.size * queries.shape[1] // n_blocks * queries.shape[2] * queries.shape[3]):
         _score_shortlist(records, np.ascontiguousarray(shortlist), np.ascontiguousarray(queries, dtype=np.float32),
                          np.ascontiguousarray(block_starts, dtype=np.int64), out)
     return out

@@ -71,8 +71,11 @@ def search(signatures, weights, queries, k: int, *, mode: str = "weighted", back
 
 
 def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted", backend: str = "auto",
-                exclude_before: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Q queries per kv-head at once (a prefill block): queries [Q, H, D] -> scores, ids [Q, H, k']."""
+                exclude_before: int = 0, by_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Q queries per kv-head at once (a prefill block): queries [Q, H, D] -> scores, ids [Q, H, k'].
+
+    by_index: the same k' tokens, listed by ascending id instead of best first (a caller that reranks them wants
+    token order, and the dense path then skips its sort)."""
     sigs, weights, queries, k_out, start = _check(signatures, weights, queries, k, mode, backend, exclude_before)
     n_queries, n_heads, _ = queries.shape
     if backend == "auto":
@@ -81,18 +84,28 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
         return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
     if backend == "numpy":
         pairs = [_search_numpy(sigs, weights, q, k_out, mode, start) for q in queries]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        scores, ids = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        return _by_index(scores, ids) if by_index else (scores, ids)
     if backend == "numba":
-        scores, ids = _search_numba(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start)
+        scores, ids = _search_numba(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start,
+                                    by_index=by_index)
     elif backend == "faiss":
         scores, ids = _search_faiss(sigs, queries, k_out, start)
     else:
         scores, ids = _search_cuda(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start)
+    if by_index:
+        scores, ids = _by_index(scores, ids)
     return scores.reshape(n_queries, n_heads, k_out), ids.reshape(n_queries, n_heads, k_out)
 
 
-def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of each row of float32 scores [..., n], best first, ties to the lower index: (scores, indices)."""
+def _by_index(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(ids, axis=-1, kind="stable")  # a no-op order where the kernel already listed them so
+    return np.take_along_axis(scores, order, axis=-1), np.take_along_axis(ids, order, axis=-1)
+
+
+def top_k_rows(scores: np.ndarray, k: int, by_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each row of float32 scores [..., n], best first, ties to the lower index: (scores, indices).
+    by_index: the same k, by ascending index."""
     flat = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1, scores.shape[-1])
     flat = np.where(flat == 0, np.float32(0.0), flat)  # -0.0 and +0.0 must tie
     k = min(k, flat.shape[1])
@@ -100,7 +113,7 @@ def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_i = np.empty((flat.shape[0], k), np.int64)
     if k:
         with numba_threads_for(flat.size):
-            _select_dense(flat, k, 0, out_s, out_i)
+            _select_dense(flat, k, 0, out_s, out_i, by_index)
     return out_s.reshape(scores.shape[:-1] + (k,)), out_i.reshape(scores.shape[:-1] + (k,))
 
 
@@ -369,8 +382,9 @@ def _order_key(bits):
 
 
 @nb.njit(parallel=True, cache=True)
-def _select_dense(scores, k, offset, out_s, out_i):
-    # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first, ties to the lower index.
+def _select_dense(scores, k, offset, out_s, out_i, by_index):
+    # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first (by_index: by ascending index), ties
+    # to the lower index.
     # A radix select: a histogram of the top bits of each score's order key finds the bucket holding the k-th
     # best; sorting that bucket alone gives the k-th key T. Then one pass keeps every key above T and the first
     # (lowest-index) keys equal to T, and only those k are sorted, packed with their index into unique uint64s.
@@ -409,8 +423,14 @@ def _select_dense(scores, k, offset, out_s, out_i):
             if key > threshold or (key == threshold and equal_wanted > 0):
                 if key == threshold:
                     equal_wanted -= 1
-                best[found] = (np.uint64(key) << np.uint64(32)) | np.uint64(0xFFFFFFFF - i)
+                if by_index:  # this pass already meets them in index order
+                    out_i[g, found] = i + offset
+                    out_s[g, found] = scores[g, i]
+                else:
+                    best[found] = (np.uint64(key) << np.uint64(32)) | np.uint64(0xFFFFFFFF - i)
                 found += 1
+        if by_index:
+            continue
         best.sort()
         for j in range(k):
             packed = best[k - 1 - j]
@@ -436,7 +456,7 @@ def _merge_topk(cand_s, cand_i, out_s, out_i):
             _sift_down(hs, hi, size, 0)
 
 
-def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None):
+def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None, by_index=False):
     # queries: [G, D], row g for head g % H -> scores, ids [G, k]; chunk: tokens per task (tests shorten it);
     # dense: force (True) or forbid (False) the all-scores path, None = choose by N / k
     n = sigs.shape[0]
@@ -464,7 +484,7 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
         if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
             all_scores = np.empty((n_rows, n - start), np.float32)
             _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, all_scores)
-            _select_dense(all_scores, k, start, scores, ids)
+            _select_dense(all_scores, k, start, scores, ids, by_index)
             return scores, ids
         cand_s = np.full((n_chunks, n_rows, k), -np.inf, np.float32)
         cand_i = np.full((n_chunks, n_rows, k), np.iinfo(np.int64).max, np.int64)

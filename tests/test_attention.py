@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from infinitekv import codec
-from infinitekv.attention import RetrievalConfig, attend_with_retrieved, select_blocks, select_cold
+from infinitekv.attention import (RetrievalConfig, attend_with_retrieved, attention_with_lse, merge_attention,
+                                  select_blocks, select_cold)
 from infinitekv.coverage import ColdRecords
 
 
@@ -72,3 +73,22 @@ def test_queries_of_a_block_attend_their_blocks_keys_as_if_each_had_its_own_copy
     want = attend_with_retrieved(queries, keys, values, (cold_k[:, of_query], cold_v[:, of_query], 1), 0.5)
     got = attend_with_retrieved(queries, keys, values, (cold_k, cold_v, block), 0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_and_the_materialised_attention_give_the_same_output_and_log_sum_exp():
+    rng = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=rng) for _ in range(3))
+    for causal in (False, True):
+        fused = attention_with_lse(q, k, v, 0.4, causal, fused=True)
+        materialised = attention_with_lse(q, k, v, 0.4, causal, fused=False)
+        for got, want in zip(fused, materialised):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_attention_over_parts_equals_attention_over_their_union():
+    rng = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 4, 8, generator=rng)
+    k, v = torch.randn(1, 2, 10, 8, generator=rng), torch.randn(1, 2, 10, 8, generator=rng)
+    parts = [attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], 0.7, fused=False) for a, b in ((0, 3), (3, 4), (4, 10))]
+    want = F.softmax(q @ k.transpose(-1, -2) * 0.7, dim=-1) @ v
+    torch.testing.assert_close(merge_attention(parts), want, rtol=1e-5, atol=1e-5)

@@ -61,7 +61,7 @@ def test_rotation_is_orthogonal_and_fixed_by_its_seed():
     assert not np.allclose(rotation, codec.rotation_matrix(64, 1))
 
 
-def test_rerank_scores_each_query_against_its_blocks_shortlist_maxed_over_its_heads():
+def test_rerank_scores_each_block_against_its_shortlist_maxed_over_its_queries_and_heads():
     keys, values = sample(3000)
     records = codec.encode_records(keys, values).reshape(1000, 3, 104)
     rng = np.random.default_rng(1)
@@ -69,8 +69,20 @@ def test_rerank_scores_each_query_against_its_blocks_shortlist_maxed_over_its_he
     queries = rng.standard_normal((3, 10, 2, 64)).astype(np.float32)  # [H, C, G, D]
     got = codec.score_shortlist(records, shortlist, queries, np.array([0, 4, 10]))
     dequantised = codec.decode_keys_rotated(records, 64)
-    block_of = [0] * 4 + [1] * 6
-    want = np.stack([np.stack([(queries[h, c] @ dequantised[shortlist[block_of[c], h], h].T).max(axis=0)
-                               for c in range(10)]) for h in range(3)])
-    assert got.shape == (3, 10, 50)
+    blocks = [(0, 4), (4, 10)]
+    want = np.stack([np.stack([(queries[h, a:b].reshape(-1, 64) @ dequantised[shortlist[n, h], h].T).max(axis=0)
+                               for n, (a, b) in enumerate(blocks)]) for h in range(3)])
+    assert got.shape == (3, 2, 50)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_decode_rows_gives_what_the_record_decoders_give_for_each_heads_own_tokens():
+    keys, values = sample(3000)
+    records = codec.encode_records(keys, values).reshape(1000, 3, 104)
+    ids = np.random.default_rng(2).integers(0, 1000, (3, 4, 5))  # repeats included
+    got_keys, got_values = codec.decode_rows(records, ids, 64)
+    assert got_keys.shape == got_values.shape == (3, 4, 5, 64)
+    for h in range(3):
+        chosen = records[ids[h], h]
+        np.testing.assert_array_equal(got_keys[h], codec.decode_keys_rotated(chosen, 64))
+        np.testing.assert_array_equal(got_values[h], codec.decode_values(chosen, 64))

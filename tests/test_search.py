@@ -345,3 +345,28 @@ def test_faiss_widens_its_radius_until_k_tokens_are_inside(monkeypatch):
     queries = np.random.default_rng(18).standard_normal((4, 3, 64)).astype(np.float32)
     want = search_many(sigs, None, queries, 200, mode="hamming", backend="numpy", exclude_before=5)
     assert_same(search_many(sigs, None, queries, 200, mode="hamming", backend="faiss", exclude_before=5), want)
+
+
+@pytest.mark.parametrize("backend,mode,dense", [("numpy", "weighted", None), ("numba", "weighted", True),
+                                                ("numba", "weighted", False), ("numba", "hamming", True),
+                                                ("faiss", "hamming", None)])
+def test_by_index_lists_the_same_best_tokens_by_ascending_id(backend, mode, dense, monkeypatch):
+    """The rerank's order: the same k tokens (ties to the lower index) as best-first, each with its score."""
+    if dense is not None:  # the all-scores path lists them in index order itself; the heap path is sorted after
+        numba_search = S._search_numba
+        monkeypatch.setattr(S, "_search_numba", lambda *a, **kw: numba_search(*a, dense=dense, **kw))
+    sigs, weights, _ = random_archive(2000, duplicates=True, seed=8)
+    queries = np.random.default_rng(9).standard_normal((4, 3, 64)).astype(np.float32)
+    best_scores, best_ids = search_many(sigs, weights, queries, 60, mode=mode, backend=backend)
+    scores, ids = search_many(sigs, weights, queries, 60, mode=mode, backend=backend, by_index=True)
+    assert (np.diff(ids, axis=-1) > 0).all()
+    order = np.argsort(best_ids, axis=-1)
+    np.testing.assert_array_equal(ids, np.take_along_axis(best_ids, order, axis=-1))
+    np.testing.assert_array_equal(scores, np.take_along_axis(best_scores, order, axis=-1))
+
+
+def test_top_k_rows_by_index_keeps_the_same_ties():
+    scores = np.array([[1.0, 3.0, 3.0, -0.0, 0.0, 3.0, -2.0]], np.float32)
+    best_scores, best = S.top_k_rows(scores, 5, by_index=True)
+    assert best.tolist() == [[0, 1, 2, 3, 5]]
+    assert best_scores.tolist() == [[1.0, 3.0, 3.0, 0.0, 3.0]]
