@@ -26,7 +26,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from infinitekv import adapters, codec
+from infinitekv import adapters, codec, threads
 from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
 from infinitekv.cache import ATTENTION, InfiniteKVCache, RoutedCache, begin_model_forward, forward_ids, route_attention
@@ -289,6 +289,7 @@ def enable(model, *, archive: str | Archive | None = None, mode: str = "disk", c
     dense_up_to apply, and there is no archive.
     """
     adapters.check_supported(model)
+    threads.configure()  # a model loaded by the caller, not by load_model: the pools must still not fight
     config = RetrievalConfig.for_model(model.config, **asdict(config or RetrievalConfig()))
     if policy is not None:
         if archive is not None or resume:

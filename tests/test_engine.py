@@ -253,3 +253,16 @@ def test_retrieval_sizes_are_derived_from_the_models_config():
     assert derived(llama_8k, hot_window=512, top_k_cold=0)[:3] == (512, 256, 0)
     qwen2 = transformers.Qwen2Config(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)
     assert derived(qwen2)[0] == 1024  # Qwen2 only slides when use_sliding_window is on
+
+
+def test_enable_leaves_numpys_blas_one_thread_so_its_pool_cannot_spin_against_torchs():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from infinitekv.engine import enable
+
+    model = tiny_model("llama")
+    with threadpool_limits(2, user_api="blas"):  # as a process that set its own limits finds them
+        with enable(model, mode="ram"):
+            blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+            assert blas, "numpy links a BLAS"
+            assert all(lib["num_threads"] == 1 for lib in blas)
