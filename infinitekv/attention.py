@@ -414,7 +414,9 @@ def attention_with_lse(q, k, v, scale: float, causal: bool = False, fused: bool 
     (out [B, H, L, D], lse [B, H, L], both float32). causal: L == S, query i sees keys 0..i.
     fused: PyTorch's fused CPU kernel, which returns the log-sum-exp with the output (default: on the CPU);
     elsewhere the scores are materialised."""
-    if fused if fused is not None else q.device.type == "cpu":
+    if fused is None:
+        fused = q.device.type == "cpu"
+    if fused:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
         return out.float(), lse.float()

@@ -82,13 +82,13 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
         backend = "cuda" if os.environ.get("IKV_SEARCH_BACKEND") == "cuda" and _cuda_available() else "numba"
     if k_out == 0:
         return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
+    if backend == "numba":  # lists them by index itself when asked
+        scores, ids = _search_numba(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start,
+                                    by_index=by_index)
+        return scores.reshape(n_queries, n_heads, k_out), ids.reshape(n_queries, n_heads, k_out)
     if backend == "numpy":
         pairs = [_search_numpy(sigs, weights, q, k_out, mode, start) for q in queries]
         scores, ids = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-        return _by_index(scores, ids) if by_index else (scores, ids)
-    if backend == "numba":
-        scores, ids = _search_numba(sigs, weights, queries.reshape(-1, queries.shape[-1]), k_out, mode, start,
-                                    by_index=by_index)
     elif backend == "faiss":
         scores, ids = _search_faiss(sigs, queries, k_out, start)
     else:
@@ -99,7 +99,8 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
 
 
 def _by_index(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(ids, axis=-1, kind="stable")  # a no-op order where the kernel already listed them so
+    """Best-first rows of (scores, ids) reordered by ascending id."""
+    order = np.argsort(ids, axis=-1)  # ids in a row are distinct
     return np.take_along_axis(scores, order, axis=-1), np.take_along_axis(ids, order, axis=-1)
 
 
@@ -387,7 +388,8 @@ def _select_dense(scores, k, offset, out_s, out_i, by_index):
     # to the lower index.
     # A radix select: a histogram of the top bits of each score's order key finds the bucket holding the k-th
     # best; sorting that bucket alone gives the k-th key T. Then one pass keeps every key above T and the first
-    # (lowest-index) keys equal to T, and only those k are sorted, packed with their index into unique uint64s.
+    # (lowest-index) keys equal to T, meeting them in index order (by_index: done); otherwise only those k are
+    # sorted, packed with their index into unique uint64s.
     n_rows, n = scores.shape
     if k == 0:
         return
@@ -491,7 +493,7 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
         _chunk_topk(sigs, words, weights, luts, qwords, kind, use_weights, start, chunk, cand_s, cand_i)
     _merge_topk(np.ascontiguousarray(cand_s.transpose(1, 0, 2)).reshape(n_rows, -1),
                 np.ascontiguousarray(cand_i.transpose(1, 0, 2)).reshape(n_rows, -1), scores, ids)
-    return scores, ids
+    return _by_index(scores, ids) if by_index else (scores, ids)  # the heap merge lists them best first
 
 
 # ---------------------------------------------------------------------------------------------------- faiss
