@@ -618,6 +618,7 @@ class Archive:
         self.committed_tokens = 0
         self.recovered: str | None = None
         self.generation = 0
+        self.rollbacks = 0  # counts rollbacks: what was derived from records past the committed point may be stale
         self._layers = [_Layer(layout) for _ in range(layout.n_layers)]
         self._lock_fd = -1
         self._state: _StateRef | None = None
@@ -1104,6 +1105,7 @@ class Archive:
         """Back to the last commit in memory; the file bytes past it are garbage that later appends overwrite."""
         for lay in self._layers:
             lay.rollback()
+        self.rollbacks += 1
 
     def _rolled_back(self, err: OSError, doing: str) -> IKVError:
         base = str(_io_error(err, doing))

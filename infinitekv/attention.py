@@ -27,7 +27,7 @@ attention, so prefill grows about linearly with length instead of quadratically.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from infinitekv import adapters, codec, search
+from infinitekv.index import ClusterIndex
 
 
 @dataclass
@@ -54,6 +55,10 @@ class RetrievalConfig:
     # sequences up to this many tokens are attended exactly, every token at its true position (the cold tier is
     # written, never read); longer ones switch to retrieval in the compact layout. None: the model's trained window
     dense_up_to: int | None = None
+    # past this many cold tokens a layer's first stage goes two-level: each complete segment of this many tokens is
+    # clustered by key and a query reranks the members of its best clusters (index.py), so a step's cost stops
+    # growing with the context; the tokens after the last complete segment are scanned flat. 0: always flat
+    cluster_segment: int = 16384
 
     @classmethod
     def for_model(cls, model_config, **overrides) -> "RetrievalConfig":
@@ -235,7 +240,7 @@ def decode_cold(archive, layer: int, ids: np.ndarray):
 
 
 def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
-                       retrieved: int) -> np.ndarray:
+                       retrieved: int, clusters: ClusterIndex | None = None) -> np.ndarray:
     """The cold tokens each selection block attends, per kv-head: ids [Hk, n_blocks, r] sorted ascending,
     r = `retrieved`; the queries of one block share them.
 
@@ -246,15 +251,21 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     defaults), per-query picks missed it and block-shared picks answered it; per-query picks also left KL at 8k
     unchanged. A token one query of the block needs is then seen by its neighbours too, which is what a fact spread
     over a few consecutive tokens needs. Decode steps are blocks of one query.
+    clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
+    block's best clusters, `shortlist` of them) and only the rest are scanned flat.
     """
     n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ archive.rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
     q_summed = q_rotated.sum(axis=2)  # [Hk, C, D]: one first-stage query per kv-head
     block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
+    covered = clusters.covered if clusters is not None else 0
     _, shortlist = search.search_many(
         archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
-        mode=config.search_mode, backend=config.search_backend, by_index=True,
+        mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
     )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
+    if covered:  # the clustered tokens all come before the flat tail: joined, the shortlist stays in token order
+        per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
+        shortlist = np.concatenate([clusters.candidates(per_head, config.shortlist), shortlist], axis=-1)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     # max over the query heads of the group and the queries of the block: one head's strong interest (an induction
     # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
@@ -281,6 +292,17 @@ class ColdTier:
     config: RetrievalConfig
     rope: Rope
     counters: dict
+    clusters: dict = field(default_factory=dict)  # layer -> ClusterIndex, built as segments complete
+
+    def cluster_index(self, layer: int) -> ClusterIndex | None:
+        """The layer's two-level index, brought up to date with its records; None while the flat scan is used."""
+        segment = self.config.cluster_segment
+        if not segment or len(self.archive.signatures(layer)) < segment:
+            return None
+        if layer not in self.clusters:
+            self.clusters[layer] = ClusterIndex(segment)
+        self.clusters[layer].sync(self.archive, layer)
+        return self.clusters[layer]
 
 
 def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v, scale: float,
@@ -333,7 +355,7 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
     q_grouped = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
-    ids = select_cold_blocks(cold.archive, layer, q_grouped, blocks, cold.config, retrieved)
+    ids = select_cold_blocks(cold.archive, layer, q_grouped, blocks, cold.config, retrieved, cold.cluster_index(layer))
     keys, values = decode_cold(cold.archive, layer, ids)
     device, dtype = q.device, q.dtype
     keys = cold.rope.rotate(torch.from_numpy(keys).to(device, dtype), s)

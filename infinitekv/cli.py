@@ -216,6 +216,8 @@ def run(
     chunk_size: Optional[int] = typer.Option(None, help="Prefill chunk size in tokens (default: from the model)."),
     dense_up_to: str = typer.Option("auto", help="Exact attention while the whole sequence fits this many tokens: "
                                     "auto (the model's trained window), N, or 0 to retrieve from the start."),
+    cluster_segment: int = typer.Option(RetrievalConfig.cluster_segment, help="Past this many cold tokens per layer, "
+                                        "cluster each segment of this many and search two-level (0: flat scan only)."),
     checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help="Commit a disk archive every N prefill chunks, so "
                                          "an interrupted read resumes there (0: only at the end)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -237,9 +239,12 @@ def run(
     pending = _pending_read(archive) if resume else None
     if not document and not question and not pending:
         raise IKVError("nothing to ask: pass --prompt, --prompt-file and/or --question")
+    if cluster_segment != 0 and not 1024 <= cluster_segment <= 1 << 26:
+        raise IKVError(f"--cluster-segment must be 0 (flat scan only) or between 1024 and {1 << 26} tokens, "
+                       f"got {cluster_segment}")
     config = RetrievalConfig(
         sinks=sinks, hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist, chunk_size=chunk_size,
-        dense_up_to=_dense_up_to(dense_up_to),
+        dense_up_to=_dense_up_to(dense_up_to), cluster_segment=cluster_segment,
     )
     loaded = load_model(model)
     print(f"model {model} loaded ({loaded.weights_sha256[:12]})", file=sys.stderr)
@@ -802,10 +807,13 @@ def bench_scan(
     index_sizes: str = typer.Option("12000,131072,1000000",
                                     help="Cold tokens for flat vs two-level per-step time and recall."),
     repeat: int = typer.Option(5, help="Best of this many timed calls."),
+    segment: int = typer.Option(RetrievalConfig().cluster_segment,
+                                help="Cold tokens the two-level index clusters together (--cluster-segment)."),
     receipt: Optional[Path] = _RECEIPT,
 ) -> None:
-    """The cold tier's index alone (synthetic signatures, real scan and select): memcpy and scan bandwidth per
-    backend, and per-layer step time of the flat scan and the two-level index up to 1M tokens. Needs no model."""
+    """The cold tier's index alone (synthetic keys, real records, real scan, rerank and select): memcpy and scan
+    bandwidth per backend, and per-layer step time and recall of the flat scan and the two-level index up to 1M
+    tokens. Needs no model."""
     from infinitekv import scanbench
 
     counts = {}
@@ -818,8 +826,10 @@ def bench_scan(
             raise IKVError(f"{name} must be comma-separated token counts between 1024 and {1 << 26}, got {text!r}")
     if repeat < 1:
         raise IKVError(f"--repeat must be at least 1, got {repeat}")
+    if segment < 1024:
+        raise IKVError(f"--segment must be at least 1024 tokens, got {segment}")
     _, path = _model_free_bench("scan", receipt, lambda: scanbench.bench_scan(
-        counts["--sizes"], counts["--index-sizes"], repeat))
+        counts["--sizes"], counts["--index-sizes"], repeat, segment=segment))
     print(f"receipt {path}", file=sys.stderr)
 
 

@@ -4,11 +4,11 @@
   search backend's flat scan at each size: H = 3 kv-heads, B = 8 signature bytes (head_dim 64), k = 256, one query
   per head, random signatures and float16 weights as the archive holds them. GB/s counts the signature (+ weight, in
   weighted mode) bytes read per call; every backend's result is checked equal to the numpy reference.
-- Long contexts: one retrieval step per layer (the first stage's shortlist of `index_k` per kv-head) for the flat
-  numba scan and the two-level BlockIndex (index.py), with the two-level search's recall of the flat top-k, on random
-  signatures (the worst case for block summaries) and clustered ones (keys around a few hundred centres, consecutive
-  tokens sharing a centre in runs, as in text). The largest size is the path-to-1M figure: per-step time of the index
-  alone, per layer.
+- Long contexts: one decode step's cold selection per layer (first stage with a shortlist of `index_k` per kv-head,
+  int8 rerank, top-64), the flat scan against the two-level ClusterIndex (index.py), on real records in a RAM
+  archive, with the share of the exact top-64 (int8 keys, every token) each one selects; random keys (no structure
+  for clusters to find) and clustered ones (keys around a few hundred centres, consecutive tokens sharing a centre
+  in runs, as in text). The largest size is the path-to-1M figure: per-step time of the index alone, per layer.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import time
 import numba
 import numpy as np
 
-from infinitekv import index as two_level
-from infinitekv import receipts
-from infinitekv.search import search, search_many
+from infinitekv import codec, receipts
+from infinitekv.archive import Archive, Layout
+from infinitekv.attention import RetrievalConfig, select_cold_blocks
+from infinitekv.index import CLUSTER_TOKENS, ClusterIndex
+from infinitekv.search import search
 
 FLAT_BACKENDS = {"weighted": ("numpy", "numba", "numba-1t"), "hamming": ("numpy", "numba", "numba-1t", "faiss")}
 N_HEADS, N_BYTES = 3, 8
@@ -59,24 +61,6 @@ def memcpy_gbs(repeat: int) -> float:
     return source.nbytes / min(times) / 1e9
 
 
-def clustered_archive(rng, n, centres=300, stay=0.9):
-    """Signatures and weights of keys around `centres` centres; the next token keeps its centre with prob `stay`."""
-    d = 8 * N_BYTES
-    sigs = np.empty((n, N_HEADS, N_BYTES), np.uint8)
-    weights = np.empty((n, N_HEADS), np.float16)
-    means = rng.standard_normal((N_HEADS, centres, d)).astype(np.float32)
-    switch = rng.random(n) > stay
-    which = rng.integers(0, centres, n)
-    centre = which[np.maximum.accumulate(np.where(switch, np.arange(n), 0))]  # runs of one centre
-    for lo in range(0, n, 1 << 16):
-        hi = min(n, lo + (1 << 16))
-        keys = means[:, centre[lo:hi]].transpose(1, 0, 2) + 0.7 * rng.standard_normal((hi - lo, N_HEADS, d))
-        sigs[lo:hi] = np.packbits(keys < 0, axis=-1, bitorder="little")
-        weights[lo:hi] = np.abs(keys).mean(axis=-1)
-    draw = lambda: means[:, rng.integers(0, centres)] + 0.7 * rng.standard_normal((N_HEADS, d))  # noqa: E731
-    return sigs, weights, draw
-
-
 def random_archive(rng, n):
     sigs = rng.integers(0, 256, (n, N_HEADS, N_BYTES), dtype=np.uint8)
     weights = rng.random((n, N_HEADS), dtype=np.float32).astype(np.float16)
@@ -106,36 +90,81 @@ def flat_scans(sizes, k: int, repeat: int, memcpy: float) -> list[dict]:
     return rows
 
 
-def index_steps(sizes, k: int, repeat: int, queries: int) -> list[dict]:
+def _ram_archive(keys: np.ndarray):
+    """A RAM archive of one layer holding keys [n, H, D] (zero values, identity rotation), appended in prefill-chunk
+    sized pieces as the engine spills them."""
+    n, n_heads, head_dim = keys.shape
+    layout = Layout(n_layers=1, n_kv_heads=n_heads, head_dim=head_dim, record_bytes=codec.record_bytes(head_dim))
+    archive = Archive.create(None, layout, "scan-bench", mode="ram", rotation=np.eye(head_dim, dtype=np.float32))
+    archive.set_key_mean(0, np.zeros((n_heads, head_dim), np.float32))
+    zeros = np.zeros((min(n, 1 << 16) * n_heads, head_dim), np.float32)
+    for lo in range(0, n, 1 << 16):
+        part = keys[lo : lo + (1 << 16)]
+        records = codec.encode_records(part.reshape(-1, head_dim), zeros[: part.shape[0] * n_heads])
+        archive.append(0, records.reshape(len(part), n_heads, -1))
+    return archive
+
+
+def random_keys(rng, n):
+    keys = rng.standard_normal((n, N_HEADS, 8 * N_BYTES), dtype=np.float32)
+    return keys, lambda: rng.standard_normal((N_HEADS, 1, 1, 8 * N_BYTES)).astype(np.float32)
+
+
+def clustered_keys(rng, n, centres=300, stay=0.9):
+    """Keys around `centres` centres; the next token keeps its centre with prob `stay` (runs, as topics in text)."""
+    d = 8 * N_BYTES
+    means = rng.standard_normal((N_HEADS, centres, d)).astype(np.float32)
+    switch = rng.random(n) > stay
+    centre = rng.integers(0, centres, n)[np.maximum.accumulate(np.where(switch, np.arange(n), 0))]
+    keys = np.empty((n, N_HEADS, d), np.float32)
+    for lo in range(0, n, 1 << 16):
+        hi = min(n, lo + (1 << 16))
+        keys[lo:hi] = means[:, centre[lo:hi]].transpose(1, 0, 2) + 0.7 * rng.standard_normal((hi - lo, N_HEADS, d))
+    draw = lambda: (means[:, rng.integers(0, centres)] + 0.7 * rng.standard_normal((N_HEADS, d)))[:, None, None]  # noqa: E731
+    return keys, lambda: np.asarray(draw(), np.float32)
+
+
+def index_steps(sizes, shortlist: int, repeat: int, queries: int, segment: int, retrieved: int = 64) -> list[dict]:
+    """One decode step's cold selection for one layer (first stage + rerank + top-`retrieved`), flat against
+    two-level, and the share of the exact top-`retrieved` (by the int8 keys, over every token) each one picks."""
     rows = []
+    config = RetrievalConfig(shortlist=shortlist, select_block=1)
     for n in sizes:
-        for kind, make in (("random", random_archive), ("clustered", clustered_archive)):
-            rng = np.random.default_rng(1)
-            sigs, weights, draw = make(rng, n)
+        for kind, make in (("random", random_keys), ("clustered", clustered_keys)):
+            keys, draw = make(np.random.default_rng(1), n)
+            archive = _ram_archive(keys)
+            x = codec.decode_keys_rotated(np.asarray(archive.records(0)), 8 * N_BYTES)
+            del keys
             start = time.perf_counter()
-            index = two_level.BlockIndex(N_HEADS, N_BYTES)
-            for lo in range(0, n, 512):  # as tokens spill: one prefill chunk at a time
-                index.extend(sigs[lo : lo + 512], weights[lo : lo + 512])
+            clusters = ClusterIndex(segment)
+            clusters.sync(archive, 0)
             build = time.perf_counter() - start
-            drawn = [np.asarray(draw(), np.float32)[None] for _ in range(queries)]
-            flat_ms = best_ms(lambda: search_many(sigs, weights, drawn[0], k), repeat)
-            index_ms = best_ms(lambda: index.search_many(sigs, weights, drawn[0], k), repeat)
-            recall = []
+            drawn = [draw() for _ in range(queries)]
+            step = lambda q, c: select_cold_blocks(archive, 0, q, [(0, 1)], config, retrieved, c)  # noqa: E731
+            flat_ms = best_ms(lambda: step(drawn[0], None), repeat)
+            index_ms = best_ms(lambda: step(drawn[0], clusters), repeat)
+            recall = {"flat": [], "two_level": []}
             for q in drawn:
-                _, want = search_many(sigs, weights, q, k)
-                _, got = index.search_many(sigs, weights, q, k)
-                recall += [len(np.intersect1d(a, b)) / want.shape[-1] for a, b in zip(want[0], got[0])]
-            rows.append({"n": n, "data": kind, "k": k, "flat_ms": flat_ms, "two_level_ms": index_ms,
-                         "recall": float(np.mean(recall)), "build_s": build})
+                exact = np.einsum("nhd,hd->hn", x, q[:, 0, 0])
+                want = np.argpartition(-exact, retrieved, axis=1)[:, :retrieved]
+                for name, c in (("flat", None), ("two_level", clusters)):
+                    got = step(q, c)[:, 0]
+                    recall[name] += [len(np.intersect1d(a, b)) / retrieved for a, b in zip(got, want)]
+            rows.append({"n": n, "data": kind, "shortlist": shortlist, "clustered_tokens": clusters.covered,
+                         "flat_ms": flat_ms, "two_level_ms": index_ms, "flat_recall": float(np.mean(recall["flat"])),
+                         "two_level_recall": float(np.mean(recall["two_level"])), "build_s": build})
+            del x, archive, clusters
     return rows
 
 
 def bench_scan(sizes=(12_000, 131_072, 1_000_000), index_sizes=(12_000, 131_072, 1_000_000), repeat: int = 5,
-               k: int = 256, index_k: int = 1024, queries: int = 8) -> dict:
-    """Receipt parts: memcpy, flat scan bandwidth per backend, flat vs two-level per-step time and recall."""
+               k: int = 256, index_k: int = 1024, queries: int = 8, segment: int | None = None) -> dict:
+    """Receipt parts: memcpy, flat scan bandwidth per backend, flat vs two-level per-step time and recall.
+    segment: tokens clustered together by the two-level index (default: RetrievalConfig's cluster_segment)."""
+    segment = RetrievalConfig().cluster_segment if segment is None else segment
     memcpy = memcpy_gbs(repeat)
     flat = flat_scans(sizes, k, repeat, memcpy)
-    steps = index_steps(index_sizes, index_k, repeat, queries)
+    steps = index_steps(index_sizes, index_k, repeat, queries, segment)
     metrics = {"memcpy_gb_per_s": receipts.metric(round(memcpy, 2), "GB/s")}
     for row in flat:
         for backend in ("numba", "numba-1t", "faiss"):
@@ -147,10 +176,11 @@ def bench_scan(sizes=(12_000, 131_072, 1_000_000), index_sizes=(12_000, 131_072,
         name = f"{row['data']}_at_{row['n']}"
         metrics[f"flat_step_ms_{name}"] = receipts.metric(round(row["flat_ms"], 3), "ms per layer")
         metrics[f"two_level_step_ms_{name}"] = receipts.metric(round(row["two_level_ms"], 3), "ms per layer")
-        metrics[f"two_level_recall_{name}"] = receipts.metric(round(row["recall"], 3), f"recall@{index_k}")
+        for which in ("flat", "two_level"):
+            metrics[f"{which}_recall_{name}"] = receipts.metric(round(row[f"{which}_recall"], 3),
+                                                               "share of the exact top-64 selected")
     config = {"sizes": list(sizes), "index_sizes": list(index_sizes), "repeat": repeat, "k": k, "index_k": index_k,
               "queries": queries, "kv_heads": N_HEADS, "signature_bytes": N_BYTES,
-              "numba_threads": numba.get_num_threads(), "block": two_level.BLOCK,
-              "blocks_per_query": two_level.BLOCKS_PER_QUERY, "two_level_from": two_level.TWO_LEVEL_FROM,
-              "load_average": os.getloadavg()[0]}
+              "numba_threads": numba.get_num_threads(), "cluster_segment": segment,
+              "cluster_tokens": CLUSTER_TOKENS, "load_average": os.getloadavg()[0]}
     return {"config": config, "outputs": {"flat": flat, "index": steps}, "metrics": metrics}

@@ -1,73 +1,152 @@
-"""The two-level index: exact scores for the tokens it scans, the flat answer when it scans every block."""
+"""The two-level index: clusters cover what they claim, the best cluster's members reach the rerank, the selection
+equals the flat one when the budget covers everything, and rolled-back records never leave stale clusters behind."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from infinitekv import codec
 from infinitekv import index as two_level
-from infinitekv.search import search_many
+from infinitekv.archive import Archive, Layout
+from infinitekv.attention import ColdTier, RetrievalConfig, select_blocks, select_cold_blocks
+
+HEAD_DIM, N_HEADS = 16, 2
 
 
-def archive(n, n_heads=3, n_bytes=8, seed=0):
-    rng = np.random.default_rng(seed)
-    sigs = rng.integers(0, 256, (n, n_heads, n_bytes), dtype=np.uint8)
-    weights = rng.random((n, n_heads), dtype=np.float32).astype(np.float16)
-    source = rng.integers(0, n // 20, n)  # repeated records: ties to break by token index
-    return sigs[source].copy(), weights[source].copy()
+def keys_around_centres(n, rng, n_centres=40):
+    """Keys near a few centres, each centre used in runs of consecutive tokens (as topics run through text)."""
+    centres = rng.standard_normal((n_centres, N_HEADS, HEAD_DIM)).astype(np.float32) * 2
+    runs = np.repeat(rng.integers(0, n_centres, n // 16 + 1), 16)[:n]
+    return (centres[runs] + 0.3 * rng.standard_normal((n, N_HEADS, HEAD_DIM))).astype(np.float32)
 
 
-def spilled_index(sigs, weights, sizes, **kw):
-    index = two_level.BlockIndex(sigs.shape[1], sigs.shape[2], **kw)
-    lo = 0
-    for size in sizes:  # spills of uneven sizes: blocks straddle calls
-        index.extend(sigs[lo : lo + size], weights[lo : lo + size])
-        lo += size
-    return index
+def ram_archive(keys):
+    n = len(keys)
+    layout = Layout(n_layers=1, n_kv_heads=N_HEADS, head_dim=HEAD_DIM, record_bytes=codec.record_bytes(HEAD_DIM))
+    archive = Archive.create(None, layout, "index-test", mode="ram", rotation=np.eye(HEAD_DIM, dtype=np.float32))
+    archive.set_key_mean(0, np.zeros((N_HEADS, HEAD_DIM), np.float32))
+    append(archive, keys)
+    return archive
 
 
-@pytest.mark.parametrize("n_bytes", [8, 5])
-def test_scanning_every_block_equals_the_flat_search_bit_for_bit(n_bytes):
-    sigs, weights = archive(3000, n_bytes=n_bytes)
-    index = spilled_index(sigs, weights, [100, 777, 2000, 123], blocks_per_query=10**6)
-    queries = np.random.default_rng(1).standard_normal((4, 3, 8 * n_bytes)).astype(np.float32)
-    got = index.search_many(sigs, weights, queries, 150)
-    want = search_many(sigs, weights, queries, 150, backend="numpy")
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))
+def append(archive, keys):
+    n = len(keys)
+    records = codec.encode_records(keys.reshape(n * N_HEADS, HEAD_DIM), np.zeros((n * N_HEADS, HEAD_DIM), np.float32))
+    archive.append(0, records.reshape(n, N_HEADS, -1))
 
 
-def test_summaries_do_not_depend_on_how_tokens_were_spilled():
-    sigs, weights = archive(1000)
-    one = spilled_index(sigs, weights, [1000])
-    many = spilled_index(sigs, weights, [1, 63, 64, 500, 372])
-    assert one.n_blocks == many.n_blocks == 1000 // two_level.BLOCK and one.n_tokens == many.n_tokens == 1000
-    np.testing.assert_allclose(one.sums[:, : one.n_blocks], many.sums[:, : many.n_blocks], rtol=1e-5, atol=1e-4)
+def test_each_segment_lists_every_token_once_grouped_by_cluster():
+    rng = np.random.default_rng(0)
+    archive = ram_archive(keys_around_centres(1000, rng))
+    index = two_level.ClusterIndex(segment=256, cluster_tokens=32)
+    index.sync(archive, 0)
+    assert index.covered == 768 and len(index.segments) == 3  # the last 232 tokens are the flat tail
+    for number, seg in enumerate(index.segments):
+        for h in range(N_HEADS):
+            assert sorted(seg.members[h]) == list(range(256 * number, 256 * (number + 1)))
+            assert seg.starts[h, 0] == 0 and seg.starts[h, -1] == 256 and np.all(np.diff(seg.starts[h]) >= 0)
+            # every member is nearest to its own cluster's centroid
+            x = codec.decode_keys_rotated(np.asarray(archive.records(0))[seg.members[h], h], HEAD_DIM)
+            cluster = np.repeat(np.arange(seg.starts.shape[1] - 1), np.diff(seg.starts[h]))
+            distance = ((x[:, None, :] - seg.centroids[h][None]) ** 2).sum(-1)
+            np.testing.assert_array_equal(distance.argmin(axis=1), cluster)
 
 
-def test_chosen_blocks_and_tail_are_scored_exactly_and_the_best_block_wins():
-    sigs, weights = archive(4000, seed=2)
-    q = np.random.default_rng(3).standard_normal((1, 3, 64)).astype(np.float32)
-    bits = np.packbits(q[0] < 0, axis=-1, bitorder="little")  # the signature that scores highest for q
-    sigs[1280:1344] = bits  # one whole block (20) of perfect matches
-    weights[1280:1344] = 1.0
-    index = spilled_index(sigs, weights, [4000], blocks_per_query=3)
-    scores, ids = index.search_many(sigs, weights, q, 64)
-    np.testing.assert_array_equal(ids[0], np.tile(np.arange(1280, 1344), (3, 1)))
-    flat_scores, _ = search_many(sigs, weights, q, 64, backend="numpy")
-    np.testing.assert_array_equal(scores.view(np.uint32), flat_scores.view(np.uint32))
-    tail = index.search_many(sigs, weights, q, 10_000)[1][0]
-    assert set(range(3968, 4000)) <= set(tail[0])  # rows after the last whole block are always scanned
-    assert tail.shape[-1] == 3 * two_level.BLOCK + 32
+def test_clustering_is_deterministic_and_independent_of_how_tokens_were_appended():
+    rng = np.random.default_rng(1)
+    keys = keys_around_centres(600, rng)
+    whole = ram_archive(keys)
+    pieces = ram_archive(keys[:7])
+    for lo, hi in [(7, 300), (300, 301), (301, 600)]:
+        append(pieces, keys[lo:hi])
+    a, b = two_level.ClusterIndex(segment=256), two_level.ClusterIndex(segment=256)
+    a.sync(whole, 0)
+    for lo in range(0, 600, 100):  # synced as the archive grows, on another archive
+        b.sync(pieces, 0)
+    for x, y in zip(a.segments, b.segments):
+        np.testing.assert_array_equal(x.members, y.members)
+        np.testing.assert_array_equal(x.centroids, y.centroids)
 
 
-def test_two_level_switches_on_at_the_crossover():
-    assert not two_level.use_two_level(two_level.TWO_LEVEL_FROM - 1)
-    assert two_level.use_two_level(two_level.TWO_LEVEL_FROM)
+def test_candidates_are_the_best_clusters_members_best_first_cut_to_the_budget():
+    rng = np.random.default_rng(2)
+    archive = ram_archive(keys_around_centres(512, rng))
+    index = two_level.ClusterIndex(segment=512, cluster_tokens=32)
+    index.sync(archive, 0)
+    seg = index.segments[0]
+    queries = rng.standard_normal((3, N_HEADS, 2, HEAD_DIM)).astype(np.float32)  # [Q, H, G, D]
+    got = index.candidates(queries, 100)
+    assert got.shape == (3, N_HEADS, 100)
+    for q in range(3):
+        for h in range(N_HEADS):
+            score = (queries[q, h] @ seg.centroids[h].T).max(axis=0)  # a cluster's best over the group's heads
+            want = []
+            for c in np.argsort(-score, kind="stable"):
+                want += list(seg.members[h, seg.starts[h, c] : seg.starts[h, c + 1]])
+            np.testing.assert_array_equal(got[q, h], np.sort(want[:100]))
+    assert index.candidates(queries, 10_000).shape[-1] == 512  # never more than it covers
 
 
-def test_index_refuses_signatures_shorter_than_what_it_summarised():
-    sigs, weights = archive(200)
-    index = spilled_index(sigs, weights, [200])
-    with pytest.raises(ValueError, match="cover"):
-        index.search_many(sigs[:100], weights[:100], np.zeros((1, 3, 64), np.float32), 5)
+def _selection(archive, clusters, queries, shortlist, retrieved=8):
+    config = RetrievalConfig(shortlist=shortlist, select_block=2)
+    return select_cold_blocks(archive, 0, queries, select_blocks(queries.shape[1], 2), config, retrieved, clusters)
+
+
+def test_with_a_budget_covering_every_token_the_two_level_selection_is_the_flat_one():
+    rng = np.random.default_rng(3)
+    archive = ram_archive(keys_around_centres(900, rng))
+    index = two_level.ClusterIndex(segment=256, cluster_tokens=32)
+    index.sync(archive, 0)
+    queries = rng.standard_normal((N_HEADS, 5, 2, HEAD_DIM)).astype(np.float32)  # [Hk, C, G, D]
+    flat = _selection(archive, None, queries, shortlist=900)
+    np.testing.assert_array_equal(_selection(archive, index, queries, shortlist=900), flat)
+
+
+def test_the_token_a_query_matches_best_is_found_through_its_cluster():
+    """Two-level recall where it matters: a key planted far from every other key, matched exactly by the query, is
+    retrieved although the clusters hold 30x more tokens than the shortlist takes."""
+    rng = np.random.default_rng(4)
+    keys = keys_around_centres(4096, rng)
+    needle = rng.standard_normal((N_HEADS, HEAD_DIM)).astype(np.float32)
+    needle *= 20 / np.linalg.norm(needle, axis=-1, keepdims=True)  # its own best match by far
+    for at in (5, 1234, 3000):
+        keys[at : at + 3] = needle
+    archive = ram_archive(keys)
+    index = two_level.ClusterIndex(segment=4096, cluster_tokens=64)
+    index.sync(archive, 0)
+    queries = np.broadcast_to(needle[:, None, None, :], (N_HEADS, 1, 1, HEAD_DIM)).copy()
+    picked = _selection(archive, index, queries, shortlist=128, retrieved=9)
+    for h in range(N_HEADS):
+        assert {5, 6, 7, 1234, 1235, 1236, 3000, 3001, 3002} == set(picked[h, 0].tolist())
+
+
+def test_a_rollback_rebuilds_the_clusters_of_records_that_were_replaced():
+    rng = np.random.default_rng(5)
+    first = keys_around_centres(300, rng)
+    archive = ram_archive(first[:100])
+    archive.commit({}, {})
+    append(archive, first[100:])
+    index = two_level.ClusterIndex(segment=128, cluster_tokens=16)
+    index.sync(archive, 0)
+    assert len(index.segments) == 2
+    archive.rollback()  # tokens 100.. are gone; another branch writes different ones
+    other = keys_around_centres(200, np.random.default_rng(6))
+    append(archive, other)
+    index.sync(archive, 0)
+    fresh = two_level.ClusterIndex(segment=128, cluster_tokens=16)
+    fresh.sync(archive, 0)
+    assert len(index.segments) == len(fresh.segments) == 2
+    for x, y in zip(index.segments, fresh.segments):
+        np.testing.assert_array_equal(x.members, y.members)
+        np.testing.assert_array_equal(x.centroids, y.centroids)
+
+
+@pytest.mark.parametrize("segment, n_cold, used", [(0, 5000, False), (4096, 4000, False), (4096, 5000, True)])
+def test_the_cold_tier_goes_two_level_once_a_segment_is_complete(segment, n_cold, used):
+    archive = ram_archive(keys_around_centres(n_cold, np.random.default_rng(7)))
+    cold = ColdTier(archive, RetrievalConfig(cluster_segment=segment), rope=None, counters={})
+    index = cold.cluster_index(0)
+    assert (index is not None) == used
+    if used:
+        assert index.covered == 4096
