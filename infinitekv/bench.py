@@ -574,11 +574,45 @@ def _full_cache_speed(model, ids: list[int], decode_steps: int) -> tuple[float, 
     return prefill_s, 1000 * float(np.median(steps))
 
 
-def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot_window: int = 512, k: int = 32,
-                 layers=(0, 5, 10, 15, 20, 25, 29), shortlists=(32, 64, 128, 256, 512, 1024)) -> dict:
-    """Recall of the exact top-k cold tokens (by GQA-summed pre-RoPE q.k) in the first-stage shortlist, for the
-    signature designs we considered, on real English text through the unmodified model."""
+def _two_level_recall(captured, span, segment: int, shortlists) -> dict:
+    """One layer's recall of the exact top-k through the two-level index (see bench_recall)."""
     from infinitekv import codec
+    from infinitekv.index import ClusterIndex
+
+    k_pre, q, mean, rotation = captured
+    sinks, hot_window, k, first, last = span
+    n_kv, head_dim = k_pre.shape[1], k_pre.shape[2]
+    x = ((k_pre - mean) @ rotation.T).astype(np.float32)
+    records = codec.encode_records(x.reshape(-1, head_dim), np.zeros((x.shape[0] * n_kv, head_dim), np.float32))
+    decoded = codec.decode_keys_rotated(records, head_dim).reshape(x.shape)  # what the archive's records hold
+    clusters = ClusterIndex.from_keys(decoded[sinks : first - hot_window], segment)
+    hits = {size: [] for size in shortlists}
+    for t in range(first, last):
+        cold_end = t - hot_window
+        turned = q[t] @ rotation.T  # [Hk, D]
+        for h in range(n_kv):
+            exact = np.lexsort((np.arange(cold_end - sinks), -(k_pre[sinks:cold_end, h] @ q[t, h])))[:k]
+            tail = decoded[sinks + clusters.covered : cold_end, h]
+            estimate = np.abs(tail).mean(1) * (np.where(tail < 0, -1.0, 1.0) @ turned[h])
+            order = clusters.covered + np.lexsort((np.arange(len(estimate)), -estimate))
+            for size in shortlists:
+                picked = clusters.candidates(turned[None, :, None, :], size)[0, h]
+                hits[size].append(len(set(exact) & (set(picked) | set(order[:size]))) / k)
+    return {str(size): float(np.mean(v)) for size, v in hits.items()}
+
+
+def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot_window: int = 512, k: int = 32,
+                 layers=(0, 5, 10, 15, 20, 25, 29), shortlists=(32, 64, 128, 256, 512, 1024), segment: int = 0) -> dict:
+    """Recall of the exact top-k cold tokens (by GQA-summed pre-RoPE q.k) in the first-stage shortlist, for the
+    signature designs we considered, on real English text through the unmodified model.
+
+    segment > 0 adds the two-level index as the engine runs it (index.py): complete segments of that many cold
+    tokens clustered by their int8-decoded keys, a shortlist of L from the best clusters plus the weighted scan's L
+    best of the tokens after the last complete segment (so up to 2L candidates; the flat rows then add L = 2048)."""
+    from infinitekv import codec
+
+    if segment:
+        shortlists = tuple(shortlists) + (2 * max(shortlists),)
 
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
@@ -616,12 +650,18 @@ def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot
                     for size in shortlists:
                         hits[size].append(len(set(exact) & set(order[:size])) / k)
             table.setdefault(name, {})[str(layer)] = {str(size): float(np.mean(v)) for size, v in hits.items()}
+        if segment:
+            name = f"two-level: clusters of {segment}-token segments + weighted tail"
+            table.setdefault(name, {})[str(layer)] = _two_level_recall(
+                (k_pre, q, mean, rotation), (sinks, hot_window, k, len(ids) - queries, len(ids)), segment,
+                shortlists[:-1])
     metrics = {}
     for name, per_layer in table.items():
         for size in shortlists:
-            value = float(np.mean([per_layer[str(layer)][str(size)] for layer in layers]))
-            metrics[f"recall@{size} {name}"] = receipts.metric(round(value, 4), "fraction")
+            if str(size) in per_layer[str(layers[0])]:
+                value = float(np.mean([per_layer[str(layer)][str(size)] for layer in layers]))
+                metrics[f"recall@{size} {name}"] = receipts.metric(round(value, 4), "fraction")
     return {"config": {"tokens": tokens, "queries": queries, "hot_window": hot_window, "k": k, "layers": list(layers),
-                       "shortlists": list(shortlists), "sinks": sinks,
+                       "shortlists": list(shortlists), "sinks": sinks, "segment": segment,
                        "text": "pydoc_data.topics (Python standard library documentation)"},
             "outputs": {"per_layer": table}, "metrics": metrics}

@@ -692,11 +692,15 @@ def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
 def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
                  tokens: int = typer.Option(6000, help="Tokens of English text."),
                  queries: int = typer.Option(32, help="Query positions (the last ones) measured."),
-                 k: int = typer.Option(32, help="Size of the exact top-k whose recall is measured.")) -> None:
+                 k: int = typer.Option(32, help="Size of the exact top-k whose recall is measured."),
+                 segment: int = typer.Option(0, help="Also measure the two-level index with segments of this many "
+                                             "cold tokens (0: flat designs only).")) -> None:
     """Recall of the exact top-k cold tokens against shortlist size, for each signature design."""
     from infinitekv import bench
 
-    _bench("recall", model, receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k))
+    if segment and not 1024 <= segment <= tokens:
+        raise IKVError(f"--segment must be 0 or between 1024 and --tokens ({tokens}), got {segment}")
+    _bench("recall", model, receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k, segment=segment))
 
 
 # ---- the OpenAI-compatible server --------------------------------------------------------------------------------

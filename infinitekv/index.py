@@ -95,6 +95,15 @@ class ClusterIndex:
         self._rollbacks = 0
         self._joined = None  # (centroids [H, K, D], members [H, T], starts [H, K + 1]) over all segments
 
+    @classmethod
+    def from_keys(cls, x: np.ndarray, segment: int, cluster_tokens: int = CLUSTER_TOKENS) -> "ClusterIndex":
+        """An index of keys already decoded: x float32 [n, H, D] (rotated basis), token i = row i; every complete
+        segment is clustered (`ikv bench recall` measures it on captured keys)."""
+        index = cls(segment, cluster_tokens)
+        for begin in range(0, len(x) - segment + 1, segment):
+            index.segments.append(build_segment(np.ascontiguousarray(x[begin : begin + segment]), begin, cluster_tokens))
+        return index
+
     @property
     def covered(self) -> int:
         return len(self.segments) * self.segment

@@ -111,3 +111,8 @@ def test_scan_bench_clusters_complete_segments_and_keeps_recall_on_clustered_key
 def test_run_refuses_a_cluster_segment_too_small_to_hold_clusters():
     code, _, err = ikv("run", "--mode", "ram", "--prompt", "hello", "--cluster-segment", "100")
     assert_one_line_error(code, err, "--cluster-segment must be 0")
+
+
+def test_recall_bench_refuses_a_segment_it_cannot_fill():
+    code, _, err = ikv("bench", "recall", "--tokens", "6000", "--segment", "8000")
+    assert_one_line_error(code, err, "--segment must be 0 or between 1024 and --tokens")

@@ -150,3 +150,16 @@ def test_the_cold_tier_goes_two_level_once_a_segment_is_complete(segment, n_cold
     assert (index is not None) == used
     if used:
         assert index.covered == 4096
+
+
+def test_an_index_of_decoded_keys_equals_the_one_synced_from_their_records():
+    rng = np.random.default_rng(8)
+    archive = ram_archive(keys_around_centres(700, rng))
+    synced = two_level.ClusterIndex(segment=256, cluster_tokens=32)
+    synced.sync(archive, 0)
+    decoded = codec.decode_keys_rotated(np.asarray(archive.records(0)), HEAD_DIM)
+    built = two_level.ClusterIndex.from_keys(decoded, segment=256, cluster_tokens=32)
+    assert built.covered == synced.covered == 512
+    for x, y in zip(built.segments, synced.segments):
+        np.testing.assert_array_equal(x.members, y.members)
+        np.testing.assert_array_equal(x.centroids, y.centroids)
