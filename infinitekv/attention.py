@@ -37,6 +37,8 @@ from torch.nn.attention.bias import causal_lower_right
 from infinitekv import adapters, codec, search
 from infinitekv.index import ClusterIndex
 
+PROBE = 4  # two-level: cluster members scored by signature per place in the shortlist
+
 
 @dataclass
 class RetrievalConfig:
@@ -252,20 +254,30 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     unchanged. A token one query of the block needs is then seen by its neighbours too, which is what a fact spread
     over a few consecutive tokens needs. Decode steps are blocks of one query.
     clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
-    block's best clusters, `shortlist` of them) and only the rest are scanned flat.
+    block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two.
     """
     n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ archive.rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
     q_summed = q_rotated.sum(axis=2)  # [Hk, C, D]: one first-stage query per kv-head
     block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
     covered = clusters.covered if clusters is not None else 0
+    n_cold = len(archive.signatures(layer))
+    # two-level: the shortlist is shared between the clusters and the flat tail in proportion to the tokens each
+    # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
+    # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
+    tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
     _, shortlist = search.search_many(
-        archive.signatures(layer), archive.key_weights(layer), block_means, config.shortlist,
+        archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
         mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
     )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
     if covered:  # the clustered tokens all come before the flat tail: joined, the shortlist stays in token order
         per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
-        shortlist = np.concatenate([clusters.candidates(per_head, config.shortlist), shortlist], axis=-1)
+        # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
+        # one rare token (a planted number) in a cluster of ordinary ones still reaches the rerank
+        probed = clusters.candidates(per_head, PROBE * (config.shortlist - tail_k))
+        scores = search.score_ids(archive.signatures(layer), archive.key_weights(layer), block_means, probed)
+        _, keep = search.top_k_rows(scores, config.shortlist - tail_k, by_index=True)
+        shortlist = np.concatenate([np.take_along_axis(probed, keep, axis=-1), shortlist], axis=-1)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     # max over the query heads of the group and the queries of the block: one head's strong interest (an induction
     # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)

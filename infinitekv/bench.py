@@ -595,9 +595,10 @@ def _two_level_recall(captured, span, segment: int, shortlists) -> dict:
             tail = decoded[sinks + clusters.covered : cold_end, h]
             estimate = np.abs(tail).mean(1) * (np.where(tail < 0, -1.0, 1.0) @ turned[h])
             order = clusters.covered + np.lexsort((np.arange(len(estimate)), -estimate))
-            for size in shortlists:
-                picked = clusters.candidates(turned[None, :, None, :], size)[0, h]
-                hits[size].append(len(set(exact) & (set(picked) | set(order[:size]))) / k)
+            for size in shortlists:  # the engine's split: the tail's share of L in proportion to its tokens
+                tail_k = -(-size * len(tail) // (cold_end - sinks))
+                picked = clusters.candidates(turned[None, :, None, :], size - tail_k)[0, h]
+                hits[size].append(len(set(exact) & (set(picked) | set(order[:tail_k]))) / k)
     return {str(size): float(np.mean(v)) for size, v in hits.items()}
 
 
@@ -606,13 +607,11 @@ def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot
     """Recall of the exact top-k cold tokens (by GQA-summed pre-RoPE q.k) in the first-stage shortlist, for the
     signature designs we considered, on real English text through the unmodified model.
 
-    segment > 0 adds the two-level index as the engine runs it (index.py): complete segments of that many cold
-    tokens clustered by their int8-decoded keys, a shortlist of L from the best clusters plus the weighted scan's L
-    best of the tokens after the last complete segment (so up to 2L candidates; the flat rows then add L = 2048)."""
+    segment > 0 adds the two-level index as the engine runs it (index.py, attention.select_cold_blocks): complete
+    segments of that many cold tokens clustered by their int8-decoded keys, the shortlist of L shared between the
+    best clusters' members and the weighted scan of the tokens after the last complete segment, in proportion to the
+    tokens each holds."""
     from infinitekv import codec
-
-    if segment:
-        shortlists = tuple(shortlists) + (2 * max(shortlists),)
 
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
@@ -651,16 +650,14 @@ def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot
                         hits[size].append(len(set(exact) & set(order[:size])) / k)
             table.setdefault(name, {})[str(layer)] = {str(size): float(np.mean(v)) for size, v in hits.items()}
         if segment:
-            name = f"two-level: clusters of {segment}-token segments + weighted tail"
+            name = f"two-level: clusters of {segment}-token segments + weighted tail, L shared"
             table.setdefault(name, {})[str(layer)] = _two_level_recall(
-                (k_pre, q, mean, rotation), (sinks, hot_window, k, len(ids) - queries, len(ids)), segment,
-                shortlists[:-1])
+                (k_pre, q, mean, rotation), (sinks, hot_window, k, len(ids) - queries, len(ids)), segment, shortlists)
     metrics = {}
     for name, per_layer in table.items():
         for size in shortlists:
-            if str(size) in per_layer[str(layers[0])]:
-                value = float(np.mean([per_layer[str(layer)][str(size)] for layer in layers]))
-                metrics[f"recall@{size} {name}"] = receipts.metric(round(value, 4), "fraction")
+            value = float(np.mean([per_layer[str(layer)][str(size)] for layer in layers]))
+            metrics[f"recall@{size} {name}"] = receipts.metric(round(value, 4), "fraction")
     return {"config": {"tokens": tokens, "queries": queries, "hot_window": hot_window, "k": k, "layers": list(layers),
                        "shortlists": list(shortlists), "sinks": sinks, "segment": segment,
                        "text": "pydoc_data.topics (Python standard library documentation)"},

@@ -104,6 +104,33 @@ def _by_index(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.take_along_axis(scores, order, axis=-1), np.take_along_axis(ids, order, axis=-1)
 
 
+def score_ids(signatures, weights, queries, ids) -> np.ndarray:
+    """Weighted first-stage scores of chosen tokens: queries float32 [Q, H, D], ids int64 [Q, H, M] (rows of
+    `signatures`) -> float32 [Q, H, M], each the score the weighted scan gives that token for that query row."""
+    sigs = np.ascontiguousarray(signatures)
+    w = np.asarray(weights)
+    w = w.view(np.uint16) if w.dtype == np.float16 else np.ascontiguousarray(w, dtype=np.float32)
+    n_queries, n_heads = ids.shape[:2]
+    luts = score_luts(np.ascontiguousarray(queries, np.float32).reshape(n_queries * n_heads, -1), "weighted")
+    out = np.empty(ids.shape, np.float32)
+    _score_ids(sigs, w, luts.reshape(n_queries * n_heads, -1), np.ascontiguousarray(ids, np.int64).reshape(
+        n_queries * n_heads, -1), out.reshape(n_queries * n_heads, -1))
+    return out
+
+
+@nb.njit(cache=True)
+def _score_ids(sigs, weights, luts, ids, out):
+    n_heads, n_bytes = sigs.shape[1], sigs.shape[2]
+    for g in range(ids.shape[0]):
+        h = g % n_heads
+        for j in range(ids.shape[1]):
+            i = ids[g, j]
+            acc = 0
+            for b in range(n_bytes):
+                acc += luts[g, 256 * b + np.intp(sigs[i, h, b])]
+            out[g, j] = _weight_as_float32(weights[i, h]) * np.float32(acc) + np.float32(0.0)
+
+
 def top_k_rows(scores: np.ndarray, k: int, by_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The best k of each row of float32 scores [..., n], best first, ties to the lower index: (scores, indices).
     by_index: the same k, by ascending index."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from infinitekv import codec, search as S, threads
-from infinitekv.search import search, search_many
+from infinitekv.search import score_ids, search, search_many
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MODES = ("weighted", "hamming")
@@ -370,3 +370,17 @@ def test_top_k_rows_by_index_keeps_the_same_ties():
     best_scores, best = S.top_k_rows(scores, 5, by_index=True)
     assert best.tolist() == [[0, 1, 2, 3, 5]]
     assert best_scores.tolist() == [[1.0, 3.0, 3.0, 0.0, 3.0]]
+
+
+def test_score_ids_gives_the_weighted_scans_score_of_each_chosen_token():
+    rng = np.random.default_rng(11)
+    sigs = rng.integers(0, 256, (500, 3, 8), dtype=np.uint8)
+    weights = rng.random((500, 3), dtype=np.float32).astype(np.float16)
+    queries = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    scores, ids = search_many(sigs, weights, queries, 500, backend="numpy")  # every token, with its score
+    chosen = np.stack([rng.choice(500, 40, replace=False) for _ in range(6)]).reshape(2, 3, 40)
+    got = score_ids(sigs, weights, queries, chosen)
+    for q in range(2):
+        for h in range(3):
+            by_id = dict(zip(ids[q, h].tolist(), scores[q, h].tolist()))
+            assert got[q, h].tolist() == [by_id[i] for i in chosen[q, h].tolist()]
