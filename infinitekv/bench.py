@@ -577,6 +577,7 @@ def _full_cache_speed(model, ids: list[int], decode_steps: int) -> tuple[float, 
 def _two_level_recall(captured, span, segment: int, shortlists) -> dict:
     """One layer's recall of the exact top-k through the two-level index (see bench_recall)."""
     from infinitekv import codec
+    from infinitekv.attention import PROBE
     from infinitekv.index import ClusterIndex
 
     k_pre, q, mean, rotation = captured
@@ -595,9 +596,13 @@ def _two_level_recall(captured, span, segment: int, shortlists) -> dict:
             tail = decoded[sinks + clusters.covered : cold_end, h]
             estimate = np.abs(tail).mean(1) * (np.where(tail < 0, -1.0, 1.0) @ turned[h])
             order = clusters.covered + np.lexsort((np.arange(len(estimate)), -estimate))
-            for size in shortlists:  # the engine's split: the tail's share of L in proportion to its tokens
+            for size in shortlists:  # the engine's split: the tail's share of L in proportion to its tokens, and
+                # the clusters' places filled from PROBE times as many members, ranked by the same signature score
                 tail_k = -(-size * len(tail) // (cold_end - sinks))
-                picked = clusters.candidates(turned[None, :, None, :], size - tail_k)[0, h]
+                probed = clusters.candidates(turned[None, :, None, :], PROBE * (size - tail_k))[0, h]
+                xs = decoded[sinks + probed, h]
+                by_signature = np.abs(xs).mean(1) * (np.where(xs < 0, -1.0, 1.0) @ turned[h])
+                picked = probed[np.lexsort((probed, -by_signature))[: size - tail_k]]
                 hits[size].append(len(set(exact) & (set(picked) | set(order[:tail_k]))) / k)
     return {str(size): float(np.mean(v)) for size, v in hits.items()}
 
@@ -609,8 +614,8 @@ def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot
 
     segment > 0 adds the two-level index as the engine runs it (index.py, attention.select_cold_blocks): complete
     segments of that many cold tokens clustered by their int8-decoded keys, the shortlist of L shared between the
-    best clusters' members and the weighted scan of the tokens after the last complete segment, in proportion to the
-    tokens each holds."""
+    best clusters' members (PROBE times as many probed, the best kept by signature score) and the weighted scan of
+    the tokens after the last complete segment, in proportion to the tokens each holds."""
     from infinitekv import codec
 
     model, tokenizer = loaded.model, loaded.tokenizer
