@@ -574,14 +574,20 @@ def _full_cache_speed(model, ids: list[int], decode_steps: int) -> tuple[float, 
     return prefill_s, 1000 * float(np.median(steps))
 
 
-def _two_level_recall(captured, span, segment: int, shortlists) -> dict:
-    """One layer's recall of the exact top-k through the two-level index (see bench_recall)."""
+def _weighted_estimate(x: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The weighted first stage's score of keys x [n, D] for one query [D]: mean|x| * sum_d q_d * sign(x_d)."""
+    return np.abs(x).mean(1) * (np.where(x < 0, -1.0, 1.0) @ query)
+
+
+def _two_level_recall(captured, span, exact: dict, segment: int, shortlists) -> dict:
+    """One layer's recall of the exact top-k (`exact[(t, h)]`, a set of cold-token indices) through the two-level
+    index (see bench_recall)."""
     from infinitekv import codec
     from infinitekv.attention import PROBE
     from infinitekv.index import ClusterIndex
 
     k_pre, q, mean, rotation = captured
-    sinks, hot_window, k, first, last = span
+    sinks, hot_window, first, last = span
     n_kv, head_dim = k_pre.shape[1], k_pre.shape[2]
     x = ((k_pre - mean) @ rotation.T).astype(np.float32)
     records = codec.encode_records(x.reshape(-1, head_dim), np.zeros((x.shape[0] * n_kv, head_dim), np.float32))
@@ -592,18 +598,17 @@ def _two_level_recall(captured, span, segment: int, shortlists) -> dict:
         cold_end = t - hot_window
         turned = q[t] @ rotation.T  # [Hk, D]
         for h in range(n_kv):
-            exact = np.lexsort((np.arange(cold_end - sinks), -(k_pre[sinks:cold_end, h] @ q[t, h])))[:k]
+            want = exact[(t, h)]
             tail = decoded[sinks + clusters.covered : cold_end, h]
-            estimate = np.abs(tail).mean(1) * (np.where(tail < 0, -1.0, 1.0) @ turned[h])
+            estimate = _weighted_estimate(tail, turned[h])
             order = clusters.covered + np.lexsort((np.arange(len(estimate)), -estimate))
             for size in shortlists:  # the engine's split: the tail's share of L in proportion to its tokens, and
                 # the clusters' places filled from PROBE times as many members, ranked by the same signature score
                 tail_k = -(-size * len(tail) // (cold_end - sinks))
                 probed = clusters.candidates(turned[None, :, None, :], PROBE * (size - tail_k))[0, h]
-                xs = decoded[sinks + probed, h]
-                by_signature = np.abs(xs).mean(1) * (np.where(xs < 0, -1.0, 1.0) @ turned[h])
+                by_signature = _weighted_estimate(decoded[sinks + probed, h], turned[h])
                 picked = probed[np.lexsort((probed, -by_signature))[: size - tail_k]]
-                hits[size].append(len(set(exact) & (set(picked) | set(order[:tail_k]))) / k)
+                hits[size].append(len(want & (set(picked) | set(order[:tail_k]))) / len(want))
     return {str(size): float(np.mean(v)) for size, v in hits.items()}
 
 
@@ -638,26 +643,30 @@ def bench_recall(loaded: LoadedModel, tokens: int = 6000, queries: int = 32, hot
             "sign(k - mu), weighted": (k_pre - mean, None, "weighted"),
             "sign(R(k - mu)), weighted [chosen]": ((k_pre - mean) @ rotation.T, rotation, "weighted"),
         }
+        positions = range(len(ids) - queries, len(ids))
+        exact = {(t, h): set(np.lexsort((np.arange(t - hot_window - sinks),
+                                         -(k_pre[sinks : t - hot_window, h] @ q[t, h])))[:k])
+                 for t in positions for h in range(n_kv)}  # the top-k each design is measured against
         for name, (x, turn, mode) in designs.items():
             hits = {size: [] for size in shortlists}
-            for t in range(len(ids) - queries, len(ids)):
+            for t in positions:
                 cold_end = t - hot_window
                 for h in range(n_kv):
-                    exact = np.lexsort((np.arange(cold_end - sinks), -(k_pre[sinks:cold_end, h] @ q[t, h])))[:k]
                     query = turn @ q[t, h] if turn is not None else q[t, h]
                     xs = x[sinks:cold_end, h]
                     if mode == "hamming":
                         estimate = -((xs < 0) != (query < 0)).sum(1).astype(np.float64)
                     else:
-                        estimate = np.abs(xs).mean(1) * (np.where(xs < 0, -1.0, 1.0) @ query)
+                        estimate = _weighted_estimate(xs, query)
                     order = np.lexsort((np.arange(len(estimate)), -estimate))
                     for size in shortlists:
-                        hits[size].append(len(set(exact) & set(order[:size])) / k)
+                        hits[size].append(len(exact[(t, h)] & set(order[:size])) / k)
             table.setdefault(name, {})[str(layer)] = {str(size): float(np.mean(v)) for size, v in hits.items()}
         if segment:
             name = f"two-level: clusters of {segment}-token segments + weighted tail, L shared"
             table.setdefault(name, {})[str(layer)] = _two_level_recall(
-                (k_pre, q, mean, rotation), (sinks, hot_window, k, len(ids) - queries, len(ids)), segment, shortlists)
+                (k_pre, q, mean, rotation), (sinks, hot_window, positions.start, positions.stop), exact, segment,
+                shortlists)
     metrics = {}
     for name, per_layer in table.items():
         for size in shortlists:

@@ -50,17 +50,15 @@ def cluster_keys(x: np.ndarray, n_clusters: int, rounds: int = ROUNDS) -> tuple[
     n = len(x)
     n_clusters = max(1, min(n_clusters, n))
     centroids = x[np.linspace(0, n - 1, n_clusters).astype(np.int64)].copy()
-    for _ in range(rounds + 1):
-        # nearest centroid by squared distance: argmax of x.c - |c|^2 / 2
-        assignment = np.argmax(x @ centroids.T - 0.5 * (centroids * centroids).sum(axis=1), axis=1)
-        if _ == rounds:
-            break
+    nearest = lambda: np.argmax(x @ centroids.T - 0.5 * (centroids * centroids).sum(axis=1), axis=1)  # noqa: E731
+    for _ in range(rounds):  # nearest by squared distance (argmax of x.c - |c|^2 / 2), then move to the mean
+        assignment = nearest()
         counts = np.bincount(assignment, minlength=n_clusters)
         sums = np.zeros_like(centroids)
         _add_rows(sums, assignment, x)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
-    return centroids, assignment
+    return centroids, nearest()
 
 
 @nb.njit(cache=True)

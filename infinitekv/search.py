@@ -107,14 +107,13 @@ def _by_index(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def score_ids(signatures, weights, queries, ids) -> np.ndarray:
     """Weighted first-stage scores of chosen tokens: queries float32 [Q, H, D], ids int64 [Q, H, M] (rows of
     `signatures`) -> float32 [Q, H, M], each the score the weighted scan gives that token for that query row."""
-    sigs = np.ascontiguousarray(signatures)
-    w = np.asarray(weights)
-    w = w.view(np.uint16) if w.dtype == np.float16 else np.ascontiguousarray(w, dtype=np.float32)
-    n_queries, n_heads = ids.shape[:2]
-    luts = score_luts(np.ascontiguousarray(queries, np.float32).reshape(n_queries * n_heads, -1), "weighted")
+    sigs, weights, queries, _, _ = _check(signatures, weights, queries, 0, "weighted", "numba", 0)
+    if weights.dtype == np.float16:
+        weights = weights.view(np.uint16)  # widened per row inside the kernel, as the scan does
+    rows = queries.reshape(-1, queries.shape[-1])  # row g: query g // H for head g % H
     out = np.empty(ids.shape, np.float32)
-    _score_ids(sigs, w, luts.reshape(n_queries * n_heads, -1), np.ascontiguousarray(ids, np.int64).reshape(
-        n_queries * n_heads, -1), out.reshape(n_queries * n_heads, -1))
+    _score_ids(sigs, weights, score_luts(rows, "weighted").reshape(len(rows), -1),
+               np.ascontiguousarray(ids, np.int64).reshape(len(rows), -1), out.reshape(len(rows), -1))
     return out
 
 
