@@ -50,6 +50,11 @@ class RetrievalConfig:
     shortlist: int | None = None  # first-stage candidates per kv-head, reranked with dequantised keys
     select_block: int | None = None  # queries sharing one retrieval during prefill (decode: every token retrieves)
     chunk_size: int | None = None  # prefill chunk
+    # prefill chunk while attention is still exact (the sequence within dense_up_to): each chunk is a few hundred
+    # small parallel regions per layer, and on a busy machine every region waits for a descheduled thread, so the
+    # exact phase reads in fewer, larger chunks (measured at 4,096 tokens with one busy process beside it: chunks
+    # of 512 made the engine's prefill 1.9x the full cache's time, one chunk 1.0x). None: 8 chunk_size
+    dense_chunk_size: int | None = None
     evict_batch: int | None = None  # the window may overshoot by this much before a batch moves to the cold tier
     search_mode: str = "weighted"  # "weighted" (float query against key bits) or "hamming"
     search_backend: str = "auto"
@@ -80,6 +85,8 @@ class RetrievalConfig:
         for name, value in derived.items():
             if getattr(config, name) is None:
                 setattr(config, name, max(1, value))
+        if config.dense_chunk_size is None:
+            config.dense_chunk_size = 8 * config.chunk_size
         if config.shortlist is None:
             config.shortlist = max(16 * config.top_k_cold, 16)
         if config.select_block is None:
@@ -87,6 +94,22 @@ class RetrievalConfig:
         if config.dense_up_to is None:
             config.dense_up_to = adapters.trained_window(model_config)
         return config
+
+    def next_chunk(self, position: int, remaining: int) -> int:
+        """How many of `remaining` prefill tokens, the first at `position`, go through attention together.
+
+        Chunks of `chunk_size`, except that whole ones ending within `dense_up_to` (exact attention) go together,
+        up to `dense_chunk_size` tokens: a long chunk is a union of the chunks reading `chunk_size` at a time would
+        feed, and exact attention and the archive take it in pieces of `chunk_size` (`exact_attention`,
+        `retrieval_attention`), so the logits and records are bit-identical to that (tested). A last, partial
+        chunk stays on its own: a matrix product over a few rows can round differently from one over many. The
+        engine's feed and a long forward both cut by this rule, so they attend in the same chunks."""
+        chunk = self.chunk_size
+        if self.top_k_cold and remaining >= chunk:
+            dense = min(self.dense_chunk_size, self.dense_up_to - position, remaining) // chunk * chunk
+            if dense > 0:
+                return dense
+        return min(remaining, chunk)
 
     def compact_span(self) -> int:
         """The largest position the compact layout uses: sinks, retrieved, window and a chunk."""
@@ -347,7 +370,10 @@ def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v
     else:
         memory.decode_view = None
         out = chunk_attention(cold, layer, memory, (q, k, v), scale, retrieved, first, window)
-    update_hot_tier(cold, layer, memory, k, v, dense)
+    # the archive takes a long exact chunk in pieces of chunk_size, so its records, and the key mean fixed at the
+    # first spill, do not depend on how the exact phase was chunked
+    for a in range(0, length, config.chunk_size):
+        update_hot_tier(cold, layer, memory, k[:, a : a + config.chunk_size], v[:, a : a + config.chunk_size], dense)
     return out
 
 
@@ -394,17 +420,37 @@ def chunk_attention(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale:
                       rope.rotate(k, first)], dim=1)  # [Hk, S, D]
     values = torch.cat([memory.sink_v, memory.window_v, v], dim=1)
     queries = rope.rotate(q, first)
-    if not retrieved:  # the chunk sits at the end of the keys: a lower-right causal mask
-        n_keys = keys.shape[1]
-        mask = (causal_lower_right(length, n_keys) if window is None or n_keys <= window
-                else sliding_mask(n_keys - length, length, n_keys, window, q.device))
-        return F.scaled_dot_product_attention(
-            queries[None], keys[None], values[None], attn_mask=mask, scale=scale,
-            enable_gqa=n_q_heads != n_kv_heads,
-        )[0]  # [Hq, C, D]
+    if not retrieved:
+        return exact_attention(queries, keys, values, scale, window, cold.config.chunk_size)
     block = cold.config.select_block
     cold_k, cold_v = retrieve(cold, layer, memory, q, select_blocks(length, block), retrieved)
     return attend_with_retrieved(queries, keys, values, (cold_k, cold_v, block), scale)
+
+
+def exact_attention(queries, keys, values, scale: float, window: int | None, rows: int) -> torch.Tensor:
+    """Causal attention of a chunk sitting at the end of its keys: queries [Hq, C, D], keys, values [Hk, S, D].
+
+    A long chunk that does not start the sequence (C < S) is computed `rows` queries at a time, each against the
+    keys up to its last query: a lower-right mask over the whole chunk would make the kernel read a C x S mask and
+    score the masked corner. The fused kernel computes every query row alike, so the rows come out bit-identical to
+    feeding the chunk `rows` tokens at a time (tested), and what the exact phase writes to the archive does not
+    depend on its chunk size."""
+    n_q_heads, length, _ = queries.shape
+    n_keys = keys.shape[1]
+    if length == n_keys and window is None:
+        bounds = [(0, length)]  # one square causal attention: no mask to read, nothing to skip
+    else:
+        bounds = [(a, min(a + rows, length)) for a in range(0, length, rows)]
+    outs = []
+    for a, b in bounds:
+        visible = n_keys - length + b
+        mask = (causal_lower_right(b - a, visible) if window is None or visible <= window
+                else sliding_mask(visible - (b - a), b - a, visible, window, queries.device))
+        outs.append(F.scaled_dot_product_attention(
+            queries[None, :, a:b], keys[None, :, :visible], values[None, :, :visible], attn_mask=mask, scale=scale,
+            enable_gqa=n_q_heads != keys.shape[0],
+        )[0])  # [Hq, b - a, D]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def attend_with_retrieved(queries, keys, values, block_keys, scale: float) -> torch.Tensor:

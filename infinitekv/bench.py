@@ -3,9 +3,12 @@ metrics, gates); the CLI adds the command, environment and hash. A gate asserts;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -511,51 +514,99 @@ FLOOR_CONTEXT = 512  # tokens of context for the model's own decode step, the sp
 
 
 def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 12288, 32768),
-                baseline_up_to: int = 12288, decode_steps: int = 16) -> dict:
+                baseline_up_to: int = 12288, decode_steps: int = 16, busy_at: tuple[int, ...] = ()) -> dict:
     """Prefill time and decode latency, InfiniteKV against the unmodified full-cache model, side by side in one run,
     and the floor: the model's own decode step at a FLOOR_CONTEXT-token context.
 
     The baseline runs only up to `baseline_up_to` tokens: past that its cache outgrows what we want to hold, and
-    past 8,192 its answers are gibberish anyway. Decode latency is the median over `decode_steps` greedy steps."""
+    past 8,192 its answers are gibberish anyway. Decode latency is the median over `decode_steps` greedy steps, the
+    engine's and the full cache's steps taken in turns so that both see the same machine.
+    busy_at: lengths measured again with one other busy process on the machine (a CPU-bound loop started for the
+    purpose): how much worse the engine's ratios to the full cache get when the cores are not all ours."""
     config = RetrievalConfig.for_model(loaded.model.config, **asdict(config))  # the sizes the run uses
     model, tokenizer = loaded.model, loaded.tokenizer
-    text_ids = tokenizer(english_text(max(lengths) * 8), add_special_tokens=False)["input_ids"]
+    text_ids = tokenizer(english_text(max(lengths + tuple(busy_at)) * 8), add_special_tokens=False)["input_ids"]
     rows, metrics = [], {}
     # the floor: the model's own decode step with a short full cache, what no cache strategy can beat
     floor_ms = _full_cache_speed(model, text_ids[:FLOOR_CONTEXT], decode_steps)[1]
     metrics[f"floor_decode_ms_at_{FLOOR_CONTEXT}"] = receipts.metric(round(floor_ms, 3), "ms/token")
     for length in lengths:
-        ids = text_ids[:length]
-        row = {"length": length, "load_average": os.getloadavg()[0]}
-        with open_session(model, tokenizer=tokenizer, config=config, mode="ram", fingerprint=loaded.weights_sha256) as s:
-            start = time.perf_counter()
-            logits = s.feed(ids)
-            row["ikv_prefill_s"] = time.perf_counter() - start
-            steps = []
-            for _ in range(decode_steps):
-                start = time.perf_counter()
-                logits = s.feed([int(logits.argmax())])
-                steps.append(time.perf_counter() - start)
-            row["ikv_decode_ms"] = 1000 * float(np.median(steps))
-            row["cold_tokens_per_step"] = s.counters.cold_tokens_per_step()
-        if length <= baseline_up_to:
-            row["full_prefill_s"], row["full_decode_ms"] = _full_cache_speed(model, ids, decode_steps)
+        row = _side_by_side(loaded, config, text_ids[:length], decode_steps, baseline=length <= baseline_up_to)
         rows.append(row)
-        for name, value in row.items():
-            if name not in ("length", "load_average"):
-                unit = "s" if name.endswith("_s") else "tokens per layer and kv-head" if "cold" in name else "ms/token"
-                metrics[f"{name}_at_{length}"] = receipts.metric(round(value, 3), unit)
+        _speed_metrics(metrics, row, "")
         metrics[f"decode_over_floor_at_{length}"] = receipts.metric(round(row["ikv_decode_ms"] / floor_ms, 3),
                                                                     "ms/ms")
-        if "full_prefill_s" in row:
-            metrics[f"prefill_speedup_at_{length}"] = receipts.metric(
-                round(row["full_prefill_s"] / row["ikv_prefill_s"], 3), "s/s")
-            metrics[f"decode_speedup_at_{length}"] = receipts.metric(
-                round(row["full_decode_ms"] / row["ikv_decode_ms"], 3), "s/s")
+    busy_rows = []
+    for length in busy_at:
+        quiet = _side_by_side(loaded, config, text_ids[:length], decode_steps, baseline=True)
+        with busy_process():
+            busy = _side_by_side(loaded, config, text_ids[:length], decode_steps, baseline=True)
+        busy_rows.append({"quiet": quiet, "busy": busy})
+        _speed_metrics(metrics, busy, "busy_")
+        for phase, key in (("prefill", "prefill_speedup"), ("decode", "decode_speedup")):
+            worsening = quiet[key] / busy[key]  # speedup = full / engine, so this is the ratio engine/full, busy/quiet
+            metrics[f"busy_{phase}_ratio_worsening_at_{length}"] = receipts.metric(round(worsening, 3), "x")
     return {"config": {**asdict(config), "lengths": list(lengths), "baseline_up_to": baseline_up_to,
-                       "decode_steps": decode_steps, "torch_threads": torch.get_num_threads(),
+                       "decode_steps": decode_steps, "busy_at": list(busy_at), "torch_threads": torch.get_num_threads(),
                        "numba_threads": numba.get_num_threads()},
-            "outputs": {"rows": rows}, "metrics": metrics}
+            "outputs": {"rows": rows, "busy_rows": busy_rows}, "metrics": metrics}
+
+
+def _speed_metrics(metrics: dict, row: dict, prefix: str) -> None:
+    length = row["length"]
+    for name, value in row.items():
+        if name not in ("length", "load_average", "prefill_speedup", "decode_speedup"):
+            unit = "s" if name.endswith("_s") else "tokens per layer and kv-head" if "cold" in name else "ms/token"
+            metrics[f"{prefix}{name}_at_{length}"] = receipts.metric(round(value, 3), unit)
+    if "full_prefill_s" in row:
+        for name in ("prefill_speedup", "decode_speedup"):
+            metrics[f"{prefix}{name}_at_{length}"] = receipts.metric(round(row[name], 3), "s/s")
+
+
+def _side_by_side(loaded: LoadedModel, config: RetrievalConfig, ids: list[int], decode_steps: int,
+                  baseline: bool) -> dict:
+    """The engine's prefill, the full cache's, then their decode steps in turns (the medians)."""
+    model = loaded.model
+    row = {"length": len(ids), "load_average": os.getloadavg()[0]}
+    with open_session(model, tokenizer=loaded.tokenizer, config=config, mode="ram",
+                      fingerprint=loaded.weights_sha256) as session, torch.no_grad():
+        start = time.perf_counter()
+        logits = session.feed(ids)
+        row["ikv_prefill_s"] = time.perf_counter() - start
+        if baseline:
+            start = time.perf_counter()
+            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            row["full_prefill_s"] = time.perf_counter() - start
+            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        ikv_steps, full_steps = [], []
+        for _ in range(decode_steps):
+            start = time.perf_counter()
+            logits = session.feed([int(logits.argmax())])
+            ikv_steps.append(time.perf_counter() - start)
+            if baseline:
+                start = time.perf_counter()
+                out = model(token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                full_steps.append(time.perf_counter() - start)
+                cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        row["ikv_decode_ms"] = 1000 * float(np.median(ikv_steps))
+        row["cold_tokens_per_step"] = session.counters.cold_tokens_per_step()
+    if baseline:
+        row["full_decode_ms"] = 1000 * float(np.median(full_steps))
+        row["prefill_speedup"] = row["full_prefill_s"] / row["ikv_prefill_s"]
+        row["decode_speedup"] = row["full_decode_ms"] / row["ikv_decode_ms"]
+    return row
+
+
+@contextlib.contextmanager
+def busy_process():
+    """One other CPU-bound process on the machine for the duration (a pure-Python loop: it holds one core)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)  # running before the measurement starts
+        yield hog
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 def _full_cache_speed(model, ids: list[int], decode_steps: int) -> tuple[float, float]:

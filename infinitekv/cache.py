@@ -154,6 +154,10 @@ class RoutedCache(Cache, metaclass=abc.ABCMeta):
                     "tokens"
                 )
 
+    def prefill_chunk(self, position: int, remaining: int) -> int:
+        """How many of `remaining` tokens, the first at `position`, this cache attends as one chunk."""
+        return min(remaining, self.config.chunk_size)
+
     @abc.abstractmethod
     def attend(self, layer: int, query, key, value, rope_tables, scale: float, sliding_window) -> torch.Tensor:
         """One layer's attention: query [1, Hq, T, D], key/value [1, Hk, T, D] post-RoPE (rope_tables: the cos/sin
@@ -203,6 +207,9 @@ class InfiniteKVCache(RoutedCache):
         return memory.sink_k.shape[1] + records - memory.archived + memory.window_len
 
     # ---- one forward ----------------------------------------------------------------------------------------
+    def prefill_chunk(self, position: int, remaining: int) -> int:
+        return self.config.next_chunk(position, remaining)
+
     def begin_forward(self, position_ids) -> None:
         """Called before a model forward carrying this cache (by the model's pre-hook)."""
         self._check_tail()
@@ -216,11 +223,11 @@ class InfiniteKVCache(RoutedCache):
                            "prompt at a time")
         cos, sin = (table[0] if table.dim() == 3 else table for table in rope_tables)
         q, k, v = unrotate(query[0], cos, sin), unrotate(key[0], cos, sin), value[0]
-        chunk = self.config.chunk_size
         memory = self.layers[layer].memory
-        outs = [retrieval_attention(self.cold, layer, memory, q[:, a : a + chunk], k[:, a : a + chunk],
-                                    v[:, a : a + chunk], scale, sliding_window)
-                for a in range(0, q.shape[1], chunk)]
+        position, outs = self.layer_length(layer), []
+        for a, b in chunk_bounds(self, position, q.shape[1]):
+            outs.append(retrieval_attention(self.cold, layer, memory, q[:, a:b], k[:, a:b], v[:, a:b], scale,
+                                            sliding_window))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [Hq, T, D]
         if self.archive.layer_tokens(layer) > self.archive.committed_tokens:
             self._tail.owner, self._wrote = self, True
@@ -432,6 +439,16 @@ def begin_model_forward(model, args, kwargs):
                        "at a time, with greedy or sampling (no beam search, num_return_sequences=1)")
     cache.begin_forward(kwargs.get("position_ids"))
     cache.token_ids.extend(ids[0].tolist() if ids is not None else [-1] * length)
+
+
+def chunk_bounds(cache: RoutedCache, position: int, length: int) -> list[tuple[int, int]]:
+    """The chunks (begin, end), offsets into `length` tokens starting at `position`, that `cache` attends apart."""
+    bounds, begin = [], 0
+    while begin < length:
+        end = begin + cache.prefill_chunk(position + begin, length - begin)
+        bounds.append((begin, end))
+        begin = end
+    return bounds
 
 
 def forward_ids(cache: InfiniteKVCache, model, ids: list[int]) -> torch.Tensor:

@@ -555,7 +555,7 @@ def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
     from infinitekv import bench
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size, dense_up_to)
-    sizes = tuple(int(x) for x in lengths.split(","))
+    sizes = _lengths(lengths, "--lengths")
     _bench("quality", model, receipt, lambda loaded: bench.bench_quality(loaded, config, sizes, positions))
 
 
@@ -572,7 +572,7 @@ def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
     path = receipt or receipts.default_receipt_path("passkey")
     picture = heatmap or path.with_suffix(".png")
     _bench("passkey", model, path, lambda loaded: bench.bench_passkey(
-        loaded, config, tuple(int(x) for x in lengths.split(",")), tuple(float(x) for x in depths.split(",")),
+        loaded, config, _lengths(lengths, "--lengths"), tuple(float(x) for x in depths.split(",")),
         heatmap=picture))
 
 
@@ -607,7 +607,7 @@ def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
     if unknown:
         fail(f"unknown task kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
     _bench("tasks", model, receipt, lambda loaded: bench.bench_tasks(
-        loaded, config, tuple(int(x) for x in lengths.split(",")), tuple(kinds.split(",")), cases, seed))
+        loaded, config, _lengths(lengths, "--lengths"), tuple(kinds.split(",")), cases, seed))
 
 
 @bench_app.command("coverage")
@@ -622,7 +622,7 @@ def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_
     config = _bench_config(hot_window, top_k_cold, shortlist, None)
     path = receipt or receipts.default_receipt_path("coverage")
     _bench("coverage", model, path, lambda loaded: bench.bench_coverage(
-        loaded, config, tuple(int(x) for x in lengths.split(",")), queries, heatmap=heatmap or path.with_suffix(".png")))
+        loaded, config, _lengths(lengths, "--lengths"), queries, heatmap=heatmap or path.with_suffix(".png")))
 
 
 @bench_app.command("memory")
@@ -678,14 +678,26 @@ def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
                 top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK,
                 lengths: str = typer.Option("4096,12288,32768", help="Context lengths, comma-separated."),
                 baseline_up_to: int = typer.Option(12288, help="Longest context the full-cache baseline runs."),
-                decode_steps: int = typer.Option(16, help="Decode steps timed per length (median).")) -> None:
+                decode_steps: int = typer.Option(16, help="Decode steps timed per length (median)."),
+                busy_at: str = typer.Option("", help="Lengths measured again, quiet and with one other busy process "
+                                            "on the machine, comma-separated (empty: none).")) -> None:
     """Prefill and decode speed against the unmodified full-cache model, side by side in one run."""
     from infinitekv import bench
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
-    sizes = tuple(int(x) for x in lengths.split(","))
+    sizes, busy = _lengths(lengths, "--lengths"), _lengths(busy_at, "--busy-at") if busy_at.strip() else ()
     _bench("speed", model, receipt, lambda loaded: bench.bench_speed(loaded, config, sizes, baseline_up_to,
-                                                                     decode_steps))
+                                                                     decode_steps, busy))
+
+
+def _lengths(text: str, option: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise IKVError(f"{option} takes positive token counts separated by commas (e.g. 4096,12288), got {text!r}")
+    return sizes
 
 
 @bench_app.command("recall")

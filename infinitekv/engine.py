@@ -29,7 +29,8 @@ import torch
 from infinitekv import adapters, codec, threads
 from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
-from infinitekv.cache import ATTENTION, InfiniteKVCache, RoutedCache, begin_model_forward, forward_ids, route_attention
+from infinitekv.cache import (ATTENTION, InfiniteKVCache, RoutedCache, begin_model_forward, chunk_bounds, forward_ids,
+                              route_attention)
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
 from infinitekv.policies import EvictingCache, Policy, check_policy
@@ -68,28 +69,30 @@ class Session:
         return forward_ids(self.cache, self.model, ids)
 
     def feed(self, ids: list[int], progress: bool = False) -> torch.Tensor:
-        """Prefill `ids` in chunks; returns the logits after the last one.
+        """Prefill `ids` in the cache's chunks (`chunk_bounds`); returns the logits after the last one.
 
-        A disk archive gets a checkpoint (a commit, with the ids still to read) every `checkpoint_every` chunks, so
-        a read killed midway resumes from the last checkpoint instead of from the start. Checkpoints fall on chunk
-        boundaries of `ids`, so the resumed read feeds exactly the chunks the uninterrupted one would have.
+        A disk archive gets a checkpoint (a commit, with the ids still to read) at the end of the first chunk that
+        completes `checkpoint_every` x chunk_size tokens since the last one, so a read killed midway resumes from
+        the last checkpoint instead of from the start. Checkpoints fall on chunk boundaries, and chunks depend only
+        on positions, so the resumed read feeds exactly the chunks the uninterrupted one would have.
         """
         if not ids:
             raise IKVError("nothing to read: the prompt is empty; pass --prompt, --prompt-file or --question")
         start = time.perf_counter()
-        chunk = self.config.chunk_size
-        n_chunks = (len(ids) + chunk - 1) // chunk
+        bounds = chunk_bounds(self.cache, len(self.token_ids), len(ids))
         archive = self.archive  # None under an eviction policy: nothing to checkpoint
         durable = archive is not None and archive.mode == "disk" and archive.writable
-        checkpoints = self.checkpoint_every if durable else 0
-        for index in range(n_chunks):
-            logits = self._forward(ids[index * chunk : (index + 1) * chunk])
-            if checkpoints and (index + 1) % checkpoints == 0 and index + 1 < n_chunks:
-                self.pending_ids = ids[(index + 1) * chunk :]
+        spacing = self.checkpoint_every * self.config.chunk_size if durable else 0
+        last_checkpoint = 0
+        for index, (begin, end) in enumerate(bounds):
+            logits = self._forward(ids[begin:end])
+            if progress:
+                print_progress("prefill", index + 1, len(bounds), len(self.token_ids))
+            if spacing and end - last_checkpoint >= spacing and end < len(ids):
+                self.pending_ids = ids[end:]
                 self.commit()
                 self.counters.checkpoints += 1
-            if progress:
-                print_progress("prefill", index + 1, n_chunks, len(self.token_ids))
+                last_checkpoint = end
         self.pending_ids = []
         self.counters.prefill_tokens += len(ids)
         self.counters.prefill_seconds += time.perf_counter() - start

@@ -44,6 +44,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from infinitekv.attention import RetrievalConfig
+from infinitekv.cache import chunk_bounds
 from infinitekv.errors import IKVError
 from infinitekv.models import DEFAULT_MODEL
 
@@ -396,15 +397,15 @@ class Worker:
         ids = session.turn_ids(user_text)
         resumed = len(session.token_ids)
         turn.emit("started", {"resumed_tokens": resumed, "prefill_tokens": len(ids)})
-        # full chunks are fed here, to report progress and notice a client that left; the rest goes to generate
-        chunk = session.config.chunk_size
-        head, n_chunks = (len(ids) - 1) // chunk * chunk, -(-len(ids) // chunk)
-        for index, start in enumerate(range(0, head, chunk)):
+        # every chunk but the last is fed here, to report progress and notice a client that left; the last goes to
+        # generate
+        bounds = chunk_bounds(session.cache, resumed, len(ids))
+        for index, (begin, end) in enumerate(bounds[:-1]):
             if turn.cancel.is_set():
                 turn.emit("cancelled")
                 return
-            session.feed(ids[start : start + chunk])
-            turn.emit("progress", (index + 1, n_chunks))
+            session.feed(ids[begin:end])
+            turn.emit("progress", (index + 1, len(bounds)))
         text = TextStream(tokenizer, request.stop)
 
         def on_token(token: int) -> bool:
@@ -413,7 +414,7 @@ class Worker:
                 turn.emit("delta", delta)
             return text.stopped or turn.cancel.is_set()
 
-        generated = session.generate(ids[head:], max_new_tokens=request.max_tokens, temperature=request.temperature,
+        generated = session.generate(ids[bounds[-1][0]:], max_new_tokens=request.max_tokens, temperature=request.temperature,
                                      top_p=request.top_p, seed=request.seed, on_token=on_token)
         if turn.cancel.is_set():  # the client left: the conversation stays at its last committed turn
             turn.emit("cancelled")

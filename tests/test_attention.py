@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from infinitekv import codec
-from infinitekv.attention import (RetrievalConfig, attend_with_retrieved, attention_with_lse, merge_attention,
-                                  select_blocks, select_cold)
+from torch.nn.attention.bias import causal_lower_right
+
+from infinitekv.attention import (RetrievalConfig, attend_with_retrieved, attention_with_lse, exact_attention,
+                                  merge_attention, select_blocks, select_cold, sliding_mask)
 from infinitekv.coverage import ColdRecords
 
 
@@ -92,3 +94,53 @@ def test_merging_attention_over_parts_equals_attention_over_their_union():
     parts = [attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], 0.7, fused=False) for a, b in ((0, 3), (3, 4), (4, 10))]
     want = F.softmax(q @ k.transpose(-1, -2) * 0.7, dim=-1) @ v
     torch.testing.assert_close(merge_attention(parts), want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_chunks_merge_only_whole_chunks_that_stay_exact():
+    config = RetrievalConfig(chunk_size=32, dense_chunk_size=128, dense_up_to=200, top_k_cold=8)
+
+    def cut(position, length):
+        bounds = []
+        while length:
+            n = config.next_chunk(position, length)
+            bounds.append((position, position + n))
+            position, length = position + n, length - n
+        return bounds
+
+    # up to 128 tokens at a time while whole chunks end within 200; then chunks of 32, the one crossing 200 included
+    assert cut(0, 300) == [(0, 128), (128, 192), (192, 224), (224, 256), (256, 288), (288, 300)]
+    assert cut(10, 100) == [(10, 106), (106, 110)]  # from anywhere: the boundaries chunks of 32 would have
+    assert cut(190, 40) == [(190, 222), (222, 230)]
+    off = RetrievalConfig(chunk_size=32, dense_chunk_size=128, dense_up_to=200, top_k_cold=0)
+    assert off.next_chunk(0, 300) == 32  # retrieval off never attends exactly: no long chunks
+
+
+def _chunk_at_a_time(queries, keys, values, rows, window=None):
+    """The reference: the chunk fed `rows` queries at a time, each against the keys before and up to it."""
+    n_keys, length = keys.shape[1], queries.shape[1]
+    outs = []
+    for a in range(0, length, rows):
+        b = min(a + rows, length)
+        visible = n_keys - length + b
+        mask = (causal_lower_right(b - a, visible) if window is None
+                else sliding_mask(visible - (b - a), b - a, visible, window, queries.device))
+        outs.append(F.scaled_dot_product_attention(queries[None, :, a:b], keys[None, :, :visible],
+                                                   values[None, :, :visible], attn_mask=mask, scale=0.25,
+                                                   enable_gqa=True)[0])
+    return torch.cat(outs, dim=1)
+
+
+def test_a_long_exact_chunk_is_bit_identical_to_feeding_it_a_chunk_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(4, 96, 16, generator=g)
+    keys, values = torch.randn(2, 160, 16, generator=g), torch.randn(2, 160, 16, generator=g)
+    # a chunk after earlier keys, computed in row blocks
+    assert torch.equal(exact_attention(queries, keys, values, 0.25, None, 32),
+                       _chunk_at_a_time(queries, keys, values, 32))
+    # the chunk that starts the sequence: one square causal attention
+    square_k, square_v = keys[:, :96], values[:, :96]
+    assert torch.equal(exact_attention(queries, square_k, square_v, 0.25, None, 32),
+                       _chunk_at_a_time(queries, square_k, square_v, 32))
+    # a sliding-window layer
+    assert torch.equal(exact_attention(queries, keys, values, 0.25, 40, 32),
+                       _chunk_at_a_time(queries, keys, values, 32, window=40))

@@ -3,6 +3,7 @@ uninterrupted read ends; a conversation state the engine cannot read is refused 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from infinitekv.attention import RetrievalConfig
 from infinitekv.engine import open_session
 from infinitekv.errors import IKVError
 
-CONFIG = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=32, top_k_cold=8, shortlist=32,
+CONFIG = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=32, dense_chunk_size=32, top_k_cold=8, shortlist=32,
                          dense_up_to=200)  # the read crosses from exact attention to retrieval
 
 
@@ -23,8 +24,8 @@ class Killed(Exception):
     """Stands for kill -9 / Ctrl-C / a full disk arriving in the middle of a forward pass."""
 
 
-def interrupted_read(model, ids, path, after_chunks: int, every: int) -> None:
-    with open_session(model, config=CONFIG, archive=str(path)) as session:
+def interrupted_read(model, ids, path, after_chunks: int, every: int, config: RetrievalConfig = CONFIG) -> None:
+    with open_session(model, config=config, archive=str(path)) as session:
         session.checkpoint_every = every
         forward, calls = session._forward, []
 
@@ -59,6 +60,23 @@ def test_interrupted_read_resumes_from_its_last_checkpoint_and_ends_like_an_unin
     assert got == expected
     with Archive.open(tmp_path / "mem", writable=False) as arc:
         assert "pending" not in arc.load_state()[1]  # the finished turn leaves no interrupted read behind
+
+
+def test_checkpoints_fall_on_the_ends_of_long_exact_chunks_and_the_resumed_read_ends_like_an_uninterrupted_one(
+        tmp_path):
+    """Reading the exact phase 128 tokens at a time, a checkpoint comes at the end of the first chunk that completes
+    `every` x chunk_size tokens since the last one."""
+    config = dataclasses.replace(CONFIG, dense_chunk_size=128)
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(10)).tolist()[0]
+    with open_session(model, config=config, mode="ram") as session:
+        expected = session.generate(ids, max_new_tokens=6, stop_ids=set())
+    # chunks [0, 128) [128, 192) [192, 224) [224, 256) | killed in [256, 288): checkpoints at 128 and 256
+    interrupted_read(model, ids, tmp_path / "mem", after_chunks=4, every=4, config=config)
+    arrays, meta = Archive.open(tmp_path / "mem", writable=False).load_state()
+    assert len(arrays["token_ids"]) == 256 and meta["pending"]["tokens"] == 600 - 256
+    with open_session(model, config=config, archive=str(tmp_path / "mem"), resume=True) as session:
+        assert session.generate(session.pending_ids, max_new_tokens=6, stop_ids=set()) == expected
 
 
 def test_a_first_read_interrupted_before_any_checkpoint_leaves_a_directory_a_new_run_takes(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
+from infinitekv.cache import chunk_bounds
 from infinitekv.engine import open_session
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
@@ -214,6 +215,29 @@ def test_leaving_dense_up_to_switches_to_retrieval_and_drops_archived_tokens_fro
         assert len(session.archive.signatures(0)) + 4 + memory.window_len == 400
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_long_exact_chunks_give_bit_identical_logits_and_records_to_chunks_of_chunk_size(family):
+    """The exact phase reads in long chunks (fewer parallel regions: a busy machine slows it less), yet the logits
+    and every record written are bit for bit those of reading chunk_size at a time, through the switch to
+    retrieval and a decode step, and for a read that starts off the chunk grid."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 420), generator=torch.Generator().manual_seed(12)).tolist()[0]
+    results = []
+    for dense_chunk in (32, 160):
+        config = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=32, dense_chunk_size=dense_chunk,
+                                 top_k_cold=8, shortlist=32, dense_up_to=300)
+        with open_session(model, config=config, mode="ram") as session:
+            logits = [session.feed(ids[:37]), session.feed(ids[37:400])]
+            logits += [session.feed([token]) for token in ids[400:]]
+            records = [session.archive.records(layer).copy() for layer in range(model.config.num_hidden_layers)]
+            chunks = len(chunk_bounds(session.cache, 37, 363))
+        results.append((torch.stack(logits), records, chunks))
+    (chunked, chunked_records, many), (long, long_records, few) = results
+    assert few < many  # the second read did go through in longer chunks
+    assert torch.equal(chunked, long)
+    assert all(a.shape == b.shape and (a == b).all() for a, b in zip(chunked_records, long_records))
+
+
 def test_resume_inside_dense_up_to_restores_the_cold_tokens_from_records(tmp_path):
     """The state file holds only the unarchived window; a resume decodes the rest from the records, so it continues
     like the uninterrupted run up to int8/4-bit error."""
@@ -253,6 +277,7 @@ def test_retrieval_sizes_are_derived_from_the_models_config():
     assert derived(llama_8k, hot_window=512, top_k_cold=0)[:3] == (512, 256, 0)
     qwen2 = transformers.Qwen2Config(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)
     assert derived(qwen2)[0] == 1024  # Qwen2 only slides when use_sliding_window is on
+    assert RetrievalConfig.for_model(llama_8k).dense_chunk_size == 8 * 512
 
 
 def test_enable_leaves_numpys_blas_one_thread_so_its_pool_cannot_spin_against_torchs():

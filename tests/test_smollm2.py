@@ -135,7 +135,7 @@ def test_speed_bench_measures_the_floor_and_both_caches_side_by_side(smollm2):
     from infinitekv.bench import FLOOR_CONTEXT, bench_speed
 
     parts = bench_speed(smollm2, RetrievalConfig(dense_up_to=0, hot_window=256), lengths=(1024,),
-                        baseline_up_to=1024, decode_steps=2)
+                        baseline_up_to=1024, decode_steps=2, busy_at=(1024,))
     metrics = parts["metrics"]
     floor = metrics[f"floor_decode_ms_at_{FLOOR_CONTEXT}"]["value"]
     assert floor > 0
@@ -144,6 +144,20 @@ def test_speed_bench_measures_the_floor_and_both_caches_side_by_side(smollm2):
     assert metrics["decode_over_floor_at_1024"]["value"] == pytest.approx(row["ikv_decode_ms"] / floor, rel=1e-2)
     assert metrics["decode_speedup_at_1024"]["value"] == pytest.approx(
         row["full_decode_ms"] / row["ikv_decode_ms"], rel=1e-2)
+    # measured again quiet and busy: how much worse the engine's ratio to the full cache gets
+    quiet, busy = parts["outputs"]["busy_rows"][0]["quiet"], parts["outputs"]["busy_rows"][0]["busy"]
+    for phase in ("prefill", "decode"):
+        assert metrics[f"busy_{phase}_ratio_worsening_at_1024"]["value"] == pytest.approx(
+            quiet[f"{phase}_speedup"] / busy[f"{phase}_speedup"], rel=1e-2)
+    assert metrics["busy_ikv_prefill_s_at_1024"]["value"] == pytest.approx(busy["ikv_prefill_s"], abs=1e-3)
+
+
+def test_the_busy_process_runs_for_the_measurement_and_is_gone_after():
+    from infinitekv.bench import busy_process
+
+    with busy_process() as hog:
+        assert hog.poll() is None  # running
+    assert hog.poll() is not None  # killed and reaped
 
 
 def test_coverage_bench_measures_retrieval_between_the_hot_tier_and_the_oracle(smollm2, tmp_path):

@@ -33,7 +33,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from infinitekv import adapters
 from infinitekv.attention import RetrievalConfig, Rope, apply_rope
-from infinitekv.cache import Counters, RoutedCache, RoutedLayer
+from infinitekv.cache import Counters, RoutedCache, RoutedLayer, chunk_bounds
 from infinitekv.errors import IKVError
 from infinitekv.policies.base import CacheView, Policy
 
@@ -103,10 +103,9 @@ class EvictingCache(RoutedCache):
         if query.shape[0] != 1:
             raise IKVError(f"an EvictingCache holds one sequence, got a batch of {query.shape[0]}; generate one "
                            "prompt at a time")
-        state, chunk = self.layers[layer], self.config.chunk_size
-        outs = [self._attend_chunk(state, query[0, :, a : a + chunk], key[0, :, a : a + chunk],
-                                   value[0, :, a : a + chunk], scale, sliding_window)
-                for a in range(0, query.shape[2], chunk)]
+        state = self.layers[layer]
+        outs = [self._attend_chunk(state, query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scale, sliding_window)
+                for a, b in chunk_bounds(self, state.seen, query.shape[2])]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [Hq, T, D]
         return out.transpose(0, 1)[None]
 
