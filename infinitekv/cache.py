@@ -57,6 +57,7 @@ class Counters:
     decode_steps: int = 0
     decode_seconds: float = 0.0
     checkpoints: int = 0  # commits made in the middle of a prefill
+    forwards_on_fewer_threads: int = 0  # forwards run on fewer threads because others wanted the cores (threads.py)
     extra: dict = field(default_factory=dict)  # cold_tokens_attended and query_tokens, summed over layers by the attention
 
     def cold_tokens_per_step(self) -> float:

@@ -327,11 +327,17 @@ def _routed(model, fresh_cache: Callable[[], RoutedCache]):
     RoutedCache, and a `generate` call that passes no cache gets `fresh_cache()`. Restored on exit, always."""
     previous = model.config._attn_implementation
     handles = []
+    share = threads.CoreShare() if next(model.parameters()).device.type == "cpu" else None
     try:
         model.set_attn_implementation(ATTENTION)
         handles.append(model.register_forward_pre_hook(begin_model_forward, with_kwargs=True))
         handles += [attn.register_forward_pre_hook(route_attention, with_kwargs=True)
                     for attn in adapters.attention_modules(model)]
+        if share is not None:
+            handles.append(model.register_forward_pre_hook(lambda *_: share.begin()))
+            handles.append(model.register_forward_hook(_after_forward(share), with_kwargs=True, always_call=True))
+            handles += [attn.register_forward_pre_hook(_layer_tick(share), with_kwargs=True)
+                        for attn in adapters.attention_modules(model)]
         model._prepare_cache_for_generation = types.MethodType(_fresh_cache_unless_given(fresh_cache), model)
         yield
     finally:
@@ -340,6 +346,25 @@ def _routed(model, fresh_cache: Callable[[], RoutedCache]):
         model.__dict__.pop("_prepare_cache_for_generation", None)
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
+        if share is not None:
+            share.restore()
+
+
+def _layer_tick(share: threads.CoreShare):
+    def tick(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is not None and hidden.shape[-2] > 1:  # a prefill forward: measured layer by layer
+            share.tick()
+    return tick
+
+
+def _after_forward(share: threads.CoreShare):
+    def after(model, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, RoutedCache) and share.current < share.full:
+            cache.counters.forwards_on_fewer_threads += 1
+        share.end()
+    return after
 
 
 def _fresh_cache_unless_given(fresh_cache: Callable[[], RoutedCache]):

@@ -12,6 +12,9 @@ thread: it only multiplies small matrices here, where a pool costs more than it 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from collections.abc import Callable
 
 import numba as nb
 
@@ -44,3 +47,98 @@ def configure() -> int:
     nb.set_num_threads(threads)
     threadpool_limits(1, user_api="blas")
     return threads
+
+
+CONTENDED = 0.25  # a stretch whose threads waited for a core this share of its wall time shares the cores
+SHORTEST_STRETCH_S = 0.005  # shorter stretches are too short to judge: they run on into the next
+PROBE_AFTER = (2, 64)  # stretches on fewer threads before trying more again: at first, and at most (doubling)
+
+
+def run_queue_wait_ns() -> int | None:
+    """Nanoseconds this process's threads have spent runnable but not running (Linux schedstat); None elsewhere."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+class CoreShare:
+    """torch's and numba's thread counts for the model's forwards: all the threads they were given while the process
+    gets the cores, half as many while its threads wait for them.
+
+    Every parallel region waits at its end for its slowest thread, so when another process holds a core, each of a
+    chunk's hundreds of small regions waits for a descheduled thread (measured on 2 cores with one busy process: the
+    last 4,096 tokens of a 12k read took 55 s on 2 threads and 24 s on 1; quiet, 10.5 s and 15 s). The signal is
+    the time our threads spent runnable but not running during a stretch of work (a forward, or one layer of a
+    prefill forward; Linux schedstat): it is 0 on a quiet machine and near 0 on fewer threads beside the other
+    process, so after some stretches on fewer threads one stretch tries more again, and keeps them if they did not
+    wait. Without schedstat nothing changes.
+    """
+
+    def __init__(self, wait_ns: Callable[[], int | None] = run_queue_wait_ns,
+                 clock: Callable[[], float] = time.perf_counter):
+        import torch
+
+        self.wait_ns, self.clock = wait_ns, clock  # tests pass their own
+        self.full = torch.get_num_threads()
+        self.current = self.full
+        self.patience = PROBE_AFTER[0]  # stretches on fewer threads before the next try with more
+        self.countdown = 0
+        self.probing = False
+        self.started: tuple[int, float] | None = None
+
+    def begin(self) -> None:
+        wait = self.wait_ns()
+        self.started = None if wait is None else (wait, self.clock())
+
+    def tick(self) -> None:
+        """End one measured stretch and begin the next (a long forward is measured layer by layer, so it can leave
+        the threads it started with before it ends)."""
+        if self.started is not None and self.clock() - self.started[1] < SHORTEST_STRETCH_S:
+            return
+        self.end()
+        self.begin()
+
+    def end(self) -> None:
+        started, self.started = self.started, None
+        if started is None or self.full == 1:
+            return
+        wait = self.wait_ns()
+        wall = self.clock() - started[1]
+        if wait is None or wall <= 0:
+            return
+        contended = (wait - started[0]) / 1e9 / (wall * self.current) > CONTENDED
+        if self.probing:  # this stretch tried more threads
+            self.probing = False
+            if contended:
+                self.patience = min(2 * self.patience, PROBE_AFTER[1])
+                self._use(max(1, self.current // 2))
+            else:
+                self.patience = PROBE_AFTER[0]
+            self.countdown = self.patience
+        elif contended and self.current > 1:
+            self._use(max(1, self.current // 2))
+            self.countdown = self.patience
+        elif self.current < self.full:
+            self.countdown -= 1
+            if self.countdown <= 0:
+                self.probing = True
+                self._use(min(self.full, 2 * self.current))
+
+    def restore(self) -> None:
+        self._use(self.full)
+
+    def _use(self, threads: int) -> None:
+        import torch
+
+        self.current = threads
+        torch.set_num_threads(threads)
+        nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
