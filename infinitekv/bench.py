@@ -556,7 +556,8 @@ def _speed_metrics(metrics: dict, row: dict, prefix: str) -> None:
     length = row["length"]
     for name, value in row.items():
         if name not in ("length", "load_average", "prefill_speedup", "decode_speedup"):
-            unit = "s" if name.endswith("_s") else "tokens per layer and kv-head" if "cold" in name else "ms/token"
+            unit = ("s" if name.endswith("_s") else "tokens per layer and kv-head" if "cold" in name
+                    else "forwards" if "forwards" in name else "ms/token")
             metrics[f"{prefix}{name}_at_{length}"] = receipts.metric(round(value, 3), unit)
     if "full_prefill_s" in row:
         for name in ("prefill_speedup", "decode_speedup"):
@@ -590,6 +591,7 @@ def _side_by_side(loaded: LoadedModel, config: RetrievalConfig, ids: list[int], 
                 cache, token = out.past_key_values, out.logits[0, -1].argmax()
         row["ikv_decode_ms"] = 1000 * float(np.median(ikv_steps))
         row["cold_tokens_per_step"] = session.counters.cold_tokens_per_step()
+        row["forwards_on_fewer_threads"] = session.counters.forwards_on_fewer_threads
     if baseline:
         row["full_decode_ms"] = 1000 * float(np.median(full_steps))
         row["prefill_speedup"] = row["full_prefill_s"] / row["ikv_prefill_s"]

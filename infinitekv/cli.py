@@ -303,6 +303,7 @@ def run(
             "resumed_tokens": receipts.metric(resumed_tokens, "tokens"),
             "checkpoint_tokens": receipts.metric(checkpoint_tokens, "tokens"),
             "checkpoints": receipts.metric(counters.checkpoints, "commits"),
+            "forwards_on_fewer_threads": receipts.metric(counters.forwards_on_fewer_threads, "forwards"),
             "prefill_seconds": receipts.metric(round(counters.prefill_seconds, 3), "s"),
             "cold_tokens_per_step": receipts.metric(round(counters.cold_tokens_per_step(), 2),
                                                     "tokens per layer and kv-head"),
