@@ -528,7 +528,8 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
     text_ids = tokenizer(english_text(max(lengths + tuple(busy_at)) * 8), add_special_tokens=False)["input_ids"]
     rows, metrics = [], {}
     # the floor: the model's own decode step with a short full cache, what no cache strategy can beat
-    floor_ms = _full_cache_speed(model, text_ids[:FLOOR_CONTEXT], decode_steps)[1]
+    floor = _FullCache(model, text_ids[:FLOOR_CONTEXT])
+    floor_ms = 1000 * float(np.median([floor.step() for _ in range(decode_steps)]))
     metrics[f"floor_decode_ms_at_{FLOOR_CONTEXT}"] = receipts.metric(round(floor_ms, 3), "ms/token")
     for length in lengths:
         row = _side_by_side(loaded, config, text_ids[:length], decode_steps, baseline=length <= baseline_up_to)
@@ -567,32 +568,25 @@ def _speed_metrics(metrics: dict, row: dict, prefix: str) -> None:
 def _side_by_side(loaded: LoadedModel, config: RetrievalConfig, ids: list[int], decode_steps: int,
                   baseline: bool) -> dict:
     """The engine's prefill, the full cache's, then their decode steps in turns (the medians)."""
-    model = loaded.model
     row = {"length": len(ids), "load_average": os.getloadavg()[0]}
-    with open_session(model, tokenizer=loaded.tokenizer, config=config, mode="ram",
+    with open_session(loaded.model, tokenizer=loaded.tokenizer, config=config, mode="ram",
                       fingerprint=loaded.weights_sha256) as session, torch.no_grad():
         start = time.perf_counter()
         logits = session.feed(ids)
         row["ikv_prefill_s"] = time.perf_counter() - start
-        if baseline:
-            start = time.perf_counter()
-            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-            row["full_prefill_s"] = time.perf_counter() - start
-            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        full = _FullCache(loaded.model, ids) if baseline else None
         ikv_steps, full_steps = [], []
         for _ in range(decode_steps):
             start = time.perf_counter()
             logits = session.feed([int(logits.argmax())])
             ikv_steps.append(time.perf_counter() - start)
-            if baseline:
-                start = time.perf_counter()
-                out = model(token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
-                full_steps.append(time.perf_counter() - start)
-                cache, token = out.past_key_values, out.logits[0, -1].argmax()
+            if full is not None:
+                full_steps.append(full.step())
         row["ikv_decode_ms"] = 1000 * float(np.median(ikv_steps))
         row["cold_tokens_per_step"] = session.counters.cold_tokens_per_step()
         row["forwards_on_fewer_threads"] = session.counters.forwards_on_fewer_threads
-    if baseline:
+    if full is not None:
+        row["full_prefill_s"] = full.prefill_s
         row["full_decode_ms"] = 1000 * float(np.median(full_steps))
         row["prefill_speedup"] = row["full_prefill_s"] / row["ikv_prefill_s"]
         row["decode_speedup"] = row["full_decode_ms"] / row["ikv_decode_ms"]
@@ -611,20 +605,24 @@ def busy_process():
         hog.wait()
 
 
-def _full_cache_speed(model, ids: list[int], decode_steps: int) -> tuple[float, float]:
-    """The unmodified model with its own cache: (prefill seconds, median decode ms per token)."""
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[0, -1].argmax()
-        steps = []
-        for _ in range(decode_steps):
+class _FullCache:
+    """The unmodified model with its own cache: its prefill is timed on creation, then `step` times one greedy
+    decode step at a time, so a caller can take its steps in turns with the engine's."""
+
+    def __init__(self, model, ids: list[int]):
+        with torch.no_grad():
             start = time.perf_counter()
-            out = model(token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            steps.append(time.perf_counter() - start)
-            cache, token = out.past_key_values, out.logits[0, -1].argmax()
-    return prefill_s, 1000 * float(np.median(steps))
+            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            self.prefill_s = time.perf_counter() - start
+        self.model, self.cache, self.token = model, out.past_key_values, out.logits[0, -1].argmax()
+
+    def step(self) -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = self.model(self.token.view(1, 1), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            seconds = time.perf_counter() - start
+        self.cache, self.token = out.past_key_values, out.logits[0, -1].argmax()
+        return seconds
 
 
 def _weighted_estimate(x: np.ndarray, query: np.ndarray) -> np.ndarray:

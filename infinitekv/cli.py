@@ -572,9 +572,9 @@ def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size, dense_up_to)
     path = receipt or receipts.default_receipt_path("passkey")
     picture = heatmap or path.with_suffix(".png")
+    sizes = _lengths(lengths, "--lengths")  # checked before the model loads
     _bench("passkey", model, path, lambda loaded: bench.bench_passkey(
-        loaded, config, _lengths(lengths, "--lengths"), tuple(float(x) for x in depths.split(",")),
-        heatmap=picture))
+        loaded, config, sizes, tuple(float(x) for x in depths.split(",")), heatmap=picture))
 
 
 @bench_app.command("fork")
@@ -607,8 +607,9 @@ def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
     unknown = sorted(set(kinds.split(",")) - set(KINDS))
     if unknown:
         fail(f"unknown task kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    sizes = _lengths(lengths, "--lengths")
     _bench("tasks", model, receipt, lambda loaded: bench.bench_tasks(
-        loaded, config, _lengths(lengths, "--lengths"), tuple(kinds.split(",")), cases, seed))
+        loaded, config, sizes, tuple(kinds.split(",")), cases, seed))
 
 
 @bench_app.command("coverage")
@@ -622,8 +623,9 @@ def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_
 
     config = _bench_config(hot_window, top_k_cold, shortlist, None)
     path = receipt or receipts.default_receipt_path("coverage")
+    sizes = _lengths(lengths, "--lengths")
     _bench("coverage", model, path, lambda loaded: bench.bench_coverage(
-        loaded, config, _lengths(lengths, "--lengths"), queries, heatmap=heatmap or path.with_suffix(".png")))
+        loaded, config, sizes, queries, heatmap=heatmap or path.with_suffix(".png")))
 
 
 @bench_app.command("memory")

@@ -96,6 +96,9 @@ class CoreShare:
         self.started: tuple[int, float] | None = None
 
     def begin(self) -> None:
+        if self.full == 1:  # nothing to give back: no need to read the run queue every forward
+            self.started = None
+            return
         wait = self.wait_ns()
         self.started = None if wait is None else (wait, self.clock())
 
@@ -109,7 +112,7 @@ class CoreShare:
 
     def end(self) -> None:
         started, self.started = self.started, None
-        if started is None or self.full == 1:
+        if started is None:
             return
         wait = self.wait_ns()
         wall = self.clock() - started[1]
