@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from infinitekv import adapters, codec, search
+from infinitekv.errors import IKVError
 from infinitekv.index import ClusterIndex
 
 PROBE = 4  # two-level: cluster members scored by signature per place in the shortlist
@@ -265,7 +266,8 @@ def decode_cold(archive, layer: int, ids: np.ndarray):
 
 
 def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
-                       retrieved: int, clusters: ClusterIndex | None = None) -> np.ndarray:
+                       retrieved: int, clusters: ClusterIndex | None = None,
+                       resident: search.ResidentIndex | None = None) -> np.ndarray:
     """The cold tokens each selection block attends, per kv-head: ids [Hk, n_blocks, r] sorted ascending,
     r = `retrieved`; the queries of one block share them.
 
@@ -278,6 +280,7 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     over a few consecutive tokens needs. Decode steps are blocks of one query.
     clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
     block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two.
+    resident: the layer's signatures on the model's GPU; the flat scan runs there (same result, bit for bit).
     """
     n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ archive.rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
@@ -289,10 +292,14 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
     # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
     tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
-    _, shortlist = search.search_many(
-        archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
-        mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
-    )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
+    if resident is not None:
+        _, shortlist = resident.search_many(block_means, tail_k, mode=config.search_mode, exclude_before=covered,
+                                            by_index=True)
+    else:
+        _, shortlist = search.search_many(
+            archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
+            mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
+        )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
     if covered:  # the clustered tokens all come before the flat tail: joined, the shortlist stays in token order
         per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
         # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
@@ -328,6 +335,11 @@ class ColdTier:
     rope: Rope
     counters: dict
     clusters: dict = field(default_factory=dict)  # layer -> ClusterIndex, built as segments complete
+    resident: dict | None = None  # layer -> search.ResidentIndex while the first stage runs on the model's GPU
+
+    def __post_init__(self):
+        if scan_on_device(self.config.search_backend, self.rope.device):
+            self.resident = {}
 
     def cluster_index(self, layer: int) -> ClusterIndex | None:
         """The layer's two-level index, brought up to date with its records; None while the flat scan is used."""
@@ -338,6 +350,28 @@ class ColdTier:
             self.clusters[layer] = ClusterIndex(segment)
         self.clusters[layer].sync(self.archive, layer)
         return self.clusters[layer]
+
+
+    def resident_index(self, layer: int) -> search.ResidentIndex | None:
+        """The layer's signatures on the model's GPU, brought up to date with its records; None: the scan runs on
+        the CPU."""
+        if self.resident is None:
+            return None
+        if layer not in self.resident:
+            self.resident[layer] = search.ResidentIndex(self.rope.device)
+        self.resident[layer].sync(self.archive, layer)
+        return self.resident[layer]
+
+
+def scan_on_device(backend: str, device: torch.device) -> bool:
+    """Whether the first stage runs on the model's GPU: backend 'cuda', or 'auto' with the model on a CUDA device and
+    the kernel built (else the CPU scan, which returns the same shortlist)."""
+    if backend == "cuda":
+        why_not = search.cuda_scan_ready() if torch.device(device).type == "cuda" else f"the model is on {device}, not a GPU"
+        if why_not:
+            raise IKVError(f"search_backend='cuda' cannot run: {why_not}; use search_backend='auto'")
+        return True
+    return backend == "auto" and torch.device(device).type == "cuda" and search.cuda_scan_ready() is None
 
 
 def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v, scale: float,
@@ -393,7 +427,8 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
     q_grouped = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
-    ids = select_cold_blocks(cold.archive, layer, q_grouped, blocks, cold.config, retrieved, cold.cluster_index(layer))
+    ids = select_cold_blocks(cold.archive, layer, q_grouped, blocks, cold.config, retrieved, cold.cluster_index(layer),
+                             cold.resident_index(layer))
     keys, values = decode_cold(cold.archive, layer, ids)
     device, dtype = q.device, q.dtype
     keys = cold.rope.rotate(torch.from_numpy(keys).to(device, dtype), s)

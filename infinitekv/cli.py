@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import typer
 
@@ -198,6 +198,10 @@ def _pending_read(archive: Path) -> dict | None:
 @app.command()
 def run(
     model: str = typer.Option(DEFAULT_MODEL, help="'smollm2-135m' (embedded), a model directory, a .gguf file or a hub id."),
+    device: str = typer.Option("auto", help="Where the model runs: auto (cuda when torch sees a GPU, else cpu), cpu, "
+                               "cuda, cuda:N. The cold tier stays in RAM or on disk either way."),
+    dtype: str = typer.Option("auto", help="auto (float32 on cpu, bfloat16 on a GPU that has it, else float16), "
+                              "float32, bfloat16, float16."),
     archive: Optional[Path] = typer.Option(None, help="Archive directory for the cold tier (created; with --resume, reopened)."),
     mode: str = typer.Option("disk", help="Where cold records live: 'disk' (memory-mapped files under --archive) or 'ram'."),
     prompt: Optional[str] = typer.Option(None, help="Document text to read."),
@@ -229,7 +233,6 @@ def run(
     from infinitekv import receipts
     from infinitekv.archive import Archive
     from infinitekv.engine import open_session
-    from infinitekv.models import load_model
 
     started_at = receipts.utc_now()
     clock = time.perf_counter()
@@ -246,8 +249,10 @@ def run(
         sinks=sinks, hot_window=hot_window, top_k_cold=_top_k(top_k_cold), shortlist=shortlist, chunk_size=chunk_size,
         dense_up_to=_dense_up_to(dense_up_to), cluster_segment=cluster_segment,
     )
-    loaded = load_model(model)
-    print(f"model {model} loaded ({loaded.weights_sha256[:12]})", file=sys.stderr)
+    choice = ModelChoice(model, device, dtype)
+    loaded = choice.load()
+    print(f"model {model} loaded on {next(loaded.model.parameters()).device} ({loaded.weights_sha256[:12]})",
+          file=sys.stderr)
     store = str(archive) if archive else None
     if read_only:  # the conversation continues on a RAM copy; the archive directory is only read
         with Archive.open(archive, model_fingerprint=loaded.weights_sha256, writable=False) as on_disk:
@@ -295,7 +300,7 @@ def run(
         config={**asdict(config), "mode": mode, "resume": resume, "read_only": read_only, "seed": seed,
                 "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                 "checkpoint_every": checkpoint_every},
-        model={"source": model, "weights_sha256": loaded.weights_sha256},
+        model=model_record(choice, loaded),
         inputs=inputs,
         outputs={"answer": answer, "answer_sha256": receipts.text_input(answer)["sha256"]},
         metrics={
@@ -474,19 +479,38 @@ def _dense_up_to(value: str) -> Optional[int]:
         fail(f"--dense-up-to must be 'auto' (the model's trained window) or a number of tokens, got {value!r}")
 
 
-def _bench(kind: str, model: str, receipt: Optional[Path], work) -> None:
+class ModelChoice(NamedTuple):
+    """What --model, --device and --dtype name."""
+
+    source: str
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def load(self):
+        from infinitekv.models import load_model
+
+        return load_model(self.source, self.dtype, self.device)
+
+
+def model_record(choice: ModelChoice, loaded) -> dict:
+    """The receipt's `model`: what was asked for, the weights' hash, and where and in what precision it ran."""
+    parameter = next(loaded.model.parameters())
+    return {"source": choice.source, "weights_sha256": loaded.weights_sha256, "device": str(parameter.device),
+            "dtype": str(parameter.dtype).removeprefix("torch.")}
+
+
+def _bench(kind: str, model: ModelChoice, receipt: Optional[Path], work) -> None:
     """Load the model, run `work(loaded) -> receipt parts`, write the receipt, print its gates and metrics."""
     from infinitekv import receipts
-    from infinitekv.models import load_model
 
     started_at = receipts.utc_now()
     clock = time.perf_counter()
-    loaded = load_model(model)
+    loaded = model.load()
     parts = work(loaded)
     record = receipts.build_receipt(
         command=receipts.command_line(),
         config=parts["config"],
-        model={"source": model, "weights_sha256": loaded.weights_sha256},
+        model=model_record(model, loaded),
         inputs=parts.get("inputs", {}),
         outputs=parts["outputs"],
         metrics=parts["metrics"],
@@ -521,6 +545,10 @@ def _model_free_bench(kind: str, receipt: Optional[Path], work) -> tuple[dict, P
 
 
 _MODEL = typer.Option(DEFAULT_MODEL, help="Model to measure (see `ikv run --help`).")
+_DEVICE = typer.Option("auto", help="Where the model runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, "
+                       "cuda:N.")
+_DTYPE = typer.Option("auto", help="Model weights and activations: auto (float32 on cpu, bfloat16 on a GPU that has "
+                      "it, else float16), float32, bfloat16, float16.")
 _RECEIPT = typer.Option(None, help="Where to write the receipt (default: receipts/<kind>-<time>.json).")
 _HOT = typer.Option(None, help="Hot window (default: from the model).")
 _TOPK = typer.Option("auto", help="Cold tokens retrieved per kv-head: auto, N, or 0.")
@@ -530,25 +558,25 @@ _DENSE = typer.Option("auto", help="Exact attention up to this many tokens: auto
 
 
 @bench_app.command("weights")
-def bench_weights(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT) -> None:
+def bench_weights(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT) -> None:
     """Gate: SHA-256 over every weight tensor is identical before enabling and after disabling."""
     from infinitekv import bench
 
-    _bench("weights", model, receipt, lambda loaded: bench.gate_weights(loaded, RetrievalConfig()))
+    _bench("weights", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.gate_weights(loaded, RetrievalConfig()))
 
 
 @bench_app.command("equivalence")
-def bench_equivalence(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+def bench_equivalence(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT,
                       prompt_tokens: int = typer.Option(1500, help="Prompt length."),
                       new_tokens: int = typer.Option(32, help="Greedy tokens compared.")) -> None:
     """Gate: with the hot window covering everything, greedy output equals the unmodified model's."""
     from infinitekv import bench
 
-    _bench("equivalence", model, receipt, lambda loaded: bench.gate_equivalence(loaded, prompt_tokens, new_tokens))
+    _bench("equivalence", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.gate_equivalence(loaded, prompt_tokens, new_tokens))
 
 
 @bench_app.command("quality")
-def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+def bench_quality(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                   top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,
                   lengths: str = typer.Option("2048,4096,8192", help="Context lengths, comma-separated."),
                   positions: int = typer.Option(256, help="Teacher-forced positions at the end of each text.")) -> None:
@@ -557,11 +585,11 @@ def bench_quality(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size, dense_up_to)
     sizes = _lengths(lengths, "--lengths")
-    _bench("quality", model, receipt, lambda loaded: bench.bench_quality(loaded, config, sizes, positions))
+    _bench("quality", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.bench_quality(loaded, config, sizes, positions))
 
 
 @bench_app.command("passkey")
-def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+def bench_passkey(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                   top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,
                   lengths: str = typer.Option("4096,12288", help="Context lengths, comma-separated."),
                   depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, comma-separated."),
@@ -573,12 +601,12 @@ def bench_passkey(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_w
     path = receipt or receipts.default_receipt_path("passkey")
     picture = heatmap or path.with_suffix(".png")
     sizes = _lengths(lengths, "--lengths")  # checked before the model loads
-    _bench("passkey", model, path, lambda loaded: bench.bench_passkey(
+    _bench("passkey", ModelChoice(model, device, dtype), path, lambda loaded: bench.bench_passkey(
         loaded, config, sizes, tuple(float(x) for x in depths.split(",")), heatmap=picture))
 
 
 @bench_app.command("fork")
-def bench_fork(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+def bench_fork(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT,
                tokens: int = typer.Option(12288, help="Document length in tokens."),
                max_new_tokens: int = typer.Option(24, help="Most tokens per answer.")) -> None:
     """Two questions about one long document, each on a fork of the cache through plain model.generate: the
@@ -588,12 +616,12 @@ def bench_fork(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
     from infinitekv import bench
 
     with tempfile.TemporaryDirectory(prefix="ikv-fork-") as scratch:
-        _bench("fork", model, receipt, lambda loaded: bench.bench_fork(
+        _bench("fork", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.bench_fork(
             loaded, RetrievalConfig(), Path(scratch) / "mem", tokens=tokens, max_new_tokens=max_new_tokens))
 
 
 @bench_app.command("tasks")
-def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+def bench_tasks(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                 top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK, dense_up_to: str = _DENSE,
                 lengths: str = typer.Option("4096,8192,12288,32768", help="Context lengths, comma-separated."),
                 kinds: str = typer.Option(",".join(KINDS), help="Task kinds, comma-separated."),
@@ -608,12 +636,12 @@ def bench_tasks(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
     if unknown:
         fail(f"unknown task kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
     sizes = _lengths(lengths, "--lengths")
-    _bench("tasks", model, receipt, lambda loaded: bench.bench_tasks(
+    _bench("tasks", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.bench_tasks(
         loaded, config, sizes, tuple(kinds.split(",")), cases, seed))
 
 
 @bench_app.command("coverage")
-def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+def bench_coverage(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                    top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT,
                    lengths: str = typer.Option("2048,4096,8192,12288", help="Context lengths, comma-separated."),
                    queries: int = typer.Option(16, help="Query positions measured per length, near the end."),
@@ -624,12 +652,12 @@ def bench_coverage(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_
     config = _bench_config(hot_window, top_k_cold, shortlist, None)
     path = receipt or receipts.default_receipt_path("coverage")
     sizes = _lengths(lengths, "--lengths")
-    _bench("coverage", model, path, lambda loaded: bench.bench_coverage(
+    _bench("coverage", ModelChoice(model, device, dtype), path, lambda loaded: bench.bench_coverage(
         loaded, config, sizes, queries, heatmap=heatmap or path.with_suffix(".png")))
 
 
 @bench_app.command("memory")
-def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+def bench_memory(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                  top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK,
                  tokens: int = typer.Option(12288, help="Tokens to read into a disk archive."),
                  points: int = typer.Option(8, min=1, help="Context lengths on the way at which the bill is drawn."),
@@ -639,12 +667,12 @@ def bench_memory(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_wi
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
     path = receipt or receipts.default_receipt_path("memory")
-    _bench("memory", model, path, lambda loaded: bench.bench_memory(loaded, config, tokens, points,
+    _bench("memory", ModelChoice(model, device, dtype), path, lambda loaded: bench.bench_memory(loaded, config, tokens, points,
                                                                      plot or path.with_suffix(".png")))
 
 
 @bench_app.command("baselines")
-def bench_baselines(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+def bench_baselines(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT,
                     budget: int = typer.Option(1100, min=1, help="Resident tokens per layer and kv-head, for all."),
                     systems: str = typer.Option(",".join([*POLICIES, "infinitekv"]), help="Comma-separated."),
                     lengths: str = typer.Option("4096,12288,32768", help="Passkey context lengths ('' skips)."),
@@ -672,12 +700,12 @@ def bench_baselines(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
                 positions=positions, kl_budgets=numbers(kl_budgets), full_up_to=full_up_to)
     config = _bench_config(None, top_k_cold, shortlist, chunk_size)
     path = receipt or receipts.default_receipt_path("baselines")
-    _bench("baselines", model, path, lambda loaded: baselines.bench_baselines(
+    _bench("baselines", ModelChoice(model, device, dtype), path, lambda loaded: baselines.bench_baselines(
         loaded, config, budget, tuple(systems.split(",")), **grid, plots_beside=path))
 
 
 @bench_app.command("speed")
-def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
+def bench_speed(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT, hot_window: Optional[int] = _HOT,
                 top_k_cold: str = _TOPK, shortlist: Optional[int] = _SHORT, chunk_size: Optional[int] = _CHUNK,
                 lengths: str = typer.Option("4096,12288,32768", help="Context lengths, comma-separated."),
                 baseline_up_to: int = typer.Option(12288, help="Longest context the full-cache baseline runs."),
@@ -689,7 +717,7 @@ def bench_speed(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT, hot_win
 
     config = _bench_config(hot_window, top_k_cold, shortlist, chunk_size)
     sizes, busy = _lengths(lengths, "--lengths"), _lengths(busy_at, "--busy-at") if busy_at.strip() else ()
-    _bench("speed", model, receipt, lambda loaded: bench.bench_speed(loaded, config, sizes, baseline_up_to,
+    _bench("speed", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.bench_speed(loaded, config, sizes, baseline_up_to,
                                                                      decode_steps, busy))
 
 
@@ -704,7 +732,7 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 
 
 @bench_app.command("recall")
-def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
+def bench_recall(model: str = _MODEL, device: str = _DEVICE, dtype: str = _DTYPE, receipt: Optional[Path] = _RECEIPT,
                  tokens: int = typer.Option(6000, help="Tokens of English text."),
                  queries: int = typer.Option(32, help="Query positions (the last ones) measured."),
                  k: int = typer.Option(32, help="Size of the exact top-k whose recall is measured."),
@@ -715,7 +743,7 @@ def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
 
     if segment and not 1024 <= segment <= tokens:
         raise IKVError(f"--segment must be 0 or between 1024 and --tokens ({tokens}), got {segment}")
-    _bench("recall", model, receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k, segment=segment))
+    _bench("recall", ModelChoice(model, device, dtype), receipt, lambda loaded: bench.bench_recall(loaded, tokens, queries, k=k, segment=segment))
 
 
 # ---- the OpenAI-compatible server --------------------------------------------------------------------------------
@@ -723,6 +751,8 @@ def bench_recall(model: str = _MODEL, receipt: Optional[Path] = _RECEIPT,
 @app.command()
 def serve(
     model: str = typer.Option(DEFAULT_MODEL, help="Model to serve (see `ikv run --help`); clients send this name (a local path's last component)."),
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
     archives: Path = typer.Option(Path("conversations"), help="Directory holding one archive per conversation id."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --api-key."),
     port: int = typer.Option(8000, help="Port (0 picks a free one; the address is printed)."),
@@ -743,7 +773,7 @@ def serve(
     from infinitekv.server import serve as run_server
 
     config = RetrievalConfig(hot_window=hot_window, top_k_cold=_top_k(top_k_cold), chunk_size=chunk_size)
-    run_server(ServeOptions(model=model, archives=archives, host=host, port=port, api_key=api_key,
+    run_server(ServeOptions(model=model, device=device, dtype=dtype, archives=archives, host=host, port=port, api_key=api_key,
                             max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit, max_queue=max_queue,
                             config=config))
 
@@ -871,6 +901,6 @@ def bench_interrupted(
     if checkpoint_every < 1:
         raise IKVError(f"--checkpoint-every must be at least 1 chunk here, got {checkpoint_every}")
     _read_prompt(None, prompt_file)  # one line now, not after the first run, if the file is unreadable
-    _bench("interrupted", model, receipt, lambda loaded: measure(
+    _bench("interrupted", ModelChoice(model), receipt, lambda loaded: measure(
         prompt_file, question, model=model, kill_at=kill_at, checkpoint_every=checkpoint_every,
         max_new_tokens=max_new_tokens))

@@ -144,8 +144,46 @@ def _convert_gguf_once(gguf_path: Path, dtype: torch.dtype, gguf_sha256: str | N
     return model, tokenizer
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load `spec`: 'smollm2-135m' (default), a local HF directory, a local .gguf file, or a hub id."""
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> str:
+    """'auto' -> 'cuda' when torch sees a CUDA device, else 'cpu'; 'cpu', 'cuda' and 'cuda:N' are checked."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return spec
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise IKVError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu, "
+                           "or install a CUDA build of torch")
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise IKVError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                           f"cuda:{torch.cuda.device_count() - 1}); pick one of them")
+        return spec
+    raise IKVError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(spec: str, device: str) -> torch.dtype:
+    """'auto' -> float32 on the CPU (its matrix units gain nothing from 16 bits here, and it keeps every receipt's
+    arithmetic), bfloat16 on a GPU that has it (half the memory; the usual serving precision), else float16."""
+    if spec not in DTYPES:
+        raise IKVError(f"--dtype {spec!r} is not a dtype; use one of {', '.join(DTYPES)}")
+    if DTYPES[spec] is not None:
+        return DTYPES[spec]
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load `spec`: 'smollm2-135m' (default), a local HF directory, a local .gguf file, or a hub id, onto `device`
+    ('auto', 'cpu', 'cuda', 'cuda:N') in `dtype` (a torch dtype, or a name from DTYPES)."""
+    device = resolve_device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     path = Path(spec).expanduser()
     if spec == DEFAULT_MODEL:
         model, tokenizer = _convert_gguf_once(smollm2_gguf_path(), dtype, _SMOLLM2_GGUF_SHA256)

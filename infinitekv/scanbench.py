@@ -23,7 +23,7 @@ from infinitekv import codec, receipts
 from infinitekv.archive import Archive, Layout
 from infinitekv.attention import RetrievalConfig, select_cold_blocks
 from infinitekv.index import CLUSTER_TOKENS, ClusterIndex
-from infinitekv.search import search
+from infinitekv.search import ResidentIndex, cuda_scan_ready, search
 
 FLAT_BACKENDS = {"weighted": ("numpy", "numba", "numba-1t"), "hamming": ("numpy", "numba", "numba-1t", "faiss")}
 N_HEADS, N_BYTES = 3, 8
@@ -61,24 +61,75 @@ def memcpy_gbs(repeat: int) -> float:
     return source.nbytes / min(times) / 1e9
 
 
+def device_memcpy_gbs(repeat: int) -> float:
+    """Bytes copied per second by one device-to-device copy of 1 GiB on the GPU (best of several), as memcpy_gbs."""
+    import torch
+
+    source = torch.ones(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    return source.numel() / gpu_ms(lambda: target.copy_(source), repeat) / 1e6
+
+
+def gpu_ms(fn, repeat: int) -> float:
+    """Best time of fn on the GPU's stream, in ms (CUDA events; one warm-up)."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(repeat):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return min(times)
+
+
+def kernel_ms(index: ResidentIndex, queries: np.ndarray, mode: str, repeat: int) -> float:
+    """The scan kernel alone over a resident index (no top-k, no copy back): what bandwidth it reaches."""
+    import torch
+
+    from infinitekv import search as S
+
+    ext = S._cuda_extension()
+    if mode == "weighted":
+        luts = torch.from_numpy(S.score_luts(queries, mode)).cuda()
+        return gpu_ms(lambda: ext.weighted_scores(index.sigs, index.weights, luts, index.n_tokens, 0, 0), repeat)
+    bits = torch.from_numpy(S.query_bits(queries)).cuda()
+    return gpu_ms(lambda: ext.hamming_scores(index.sigs, bits, index.n_tokens, 0, 0), repeat)
+
+
 def random_archive(rng, n):
     sigs = rng.integers(0, 256, (n, N_HEADS, N_BYTES), dtype=np.uint8)
     weights = rng.random((n, N_HEADS), dtype=np.float32).astype(np.float16)
     return sigs, weights, lambda: rng.standard_normal((N_HEADS, 8 * N_BYTES))
 
 
-def flat_scans(sizes, k: int, repeat: int, memcpy: float) -> list[dict]:
+def flat_scans(sizes, k: int, repeat: int, memcpy: float, device_memcpy: float | None = None) -> list[dict]:
+    """Each backend's flat scan; with device_memcpy (a GPU with the kernel built), also the resident index on the GPU
+    ("cuda-resident": the whole call, LUT upload, scan, top-k and the copy back; "cuda-kernel": the scan alone),
+    whose shares are of the device's copy bandwidth."""
     rng = np.random.default_rng(0)
     rows = []
     for n in sizes:
         sigs, weights, draw = random_archive(rng, n)
         queries = np.asarray(draw(), np.float32)
+        resident = None
+        if device_memcpy is not None:
+            resident = ResidentIndex("cuda")
+            resident.append(sigs, weights)
         for mode, backends in FLAT_BACKENDS.items():
             ms, results = {}, {}
-            for backend in backends:
-                run = lambda: _run_search(sigs, weights, queries, k, mode, backend)  # noqa: E731
+            for backend in backends + (("cuda-resident",) if resident else ()):
+                if backend == "cuda-resident":
+                    run = lambda: tuple(a[0] for a in resident.search_many(queries[None], k, mode=mode))  # noqa: E731
+                else:
+                    run = lambda: _run_search(sigs, weights, queries, k, mode, backend)  # noqa: E731
                 ms[backend] = best_ms(run, repeat if backend != "numpy" or n <= 100_000 else 1)
                 results[backend] = run()
+            if resident is not None:
+                ms["cuda-kernel"] = kernel_ms(resident, queries, mode, repeat)
             reference = results["numpy"]
             for backend, (scores, ids) in results.items():
                 if not (np.array_equal(scores, reference[0]) and np.array_equal(ids, reference[1])):
@@ -86,7 +137,8 @@ def flat_scans(sizes, k: int, repeat: int, memcpy: float) -> list[dict]:
             read = sigs.nbytes + (weights.nbytes if mode == "weighted" else 0)
             gbs = {backend: read / t / 1e6 for backend, t in ms.items()}
             rows.append({"n": n, "mode": mode, "bytes_read": read, "ms": ms, "gb_per_s": gbs,
-                         "pct_of_memcpy": {b: 100 * g / memcpy for b, g in gbs.items()}})
+                         "pct_of_memcpy": {b: 100 * g / (device_memcpy if b.startswith("cuda") else memcpy)
+                                           for b, g in gbs.items()}})
     return rows
 
 
@@ -163,11 +215,15 @@ def bench_scan(sizes=(12_000, 131_072, 1_000_000), index_sizes=(12_000, 131_072,
     segment: tokens clustered together by the two-level index (default: RetrievalConfig's cluster_segment)."""
     segment = RetrievalConfig().cluster_segment if segment is None else segment
     memcpy = memcpy_gbs(repeat)
-    flat = flat_scans(sizes, k, repeat, memcpy)
+    gpu = cuda_scan_ready() is None
+    device_memcpy = device_memcpy_gbs(repeat) if gpu else None
+    flat = flat_scans(sizes, k, repeat, memcpy, device_memcpy)
     steps = index_steps(index_sizes, index_k, repeat, queries, segment)
     metrics = {"memcpy_gb_per_s": receipts.metric(round(memcpy, 2), "GB/s")}
+    if gpu:
+        metrics["device_memcpy_gb_per_s"] = receipts.metric(round(device_memcpy, 2), "GB/s")
     for row in flat:
-        for backend in ("numba", "numba-1t", "faiss"):
+        for backend in ("numba", "numba-1t", "faiss", "cuda-resident", "cuda-kernel"):
             if backend in row["ms"]:
                 name = f"{row['mode']}_{backend.replace('-', '_')}_at_{row['n']}"
                 metrics[f"{name}_ms"] = receipts.metric(round(row["ms"][backend], 3), "ms per call")
@@ -182,5 +238,6 @@ def bench_scan(sizes=(12_000, 131_072, 1_000_000), index_sizes=(12_000, 131_072,
     config = {"sizes": list(sizes), "index_sizes": list(index_sizes), "repeat": repeat, "k": k, "index_k": index_k,
               "queries": queries, "kv_heads": N_HEADS, "signature_bytes": N_BYTES,
               "numba_threads": numba.get_num_threads(), "cluster_segment": segment,
-              "cluster_tokens": CLUSTER_TOKENS, "load_average": os.getloadavg()[0]}
+              "cluster_tokens": CLUSTER_TOKENS, "load_average": os.getloadavg()[0],
+              "gpu_scan": gpu}
     return {"config": config, "outputs": {"flat": flat, "index": steps}, "metrics": metrics}

@@ -30,9 +30,11 @@ that scores every query row, so each signature is read from memory once: scores 
 compare against each row's heap root, which almost every token fails; then a heap merge per row), "faiss" (hamming
 only: IndexBinaryFlat per head and one range search per row, at a radius sampled to take in ~2k tokens and widened
 when short, then the index tie-break; slower than numba, so never chosen by "auto"), "cuda" (csrc/ kernel,
-JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = numba: the
-cuda backend is opt-in (backend="cuda", or IKV_SEARCH_BACKEND=cuda) until it has been measured on a GPU, because it
-uploads the index on every call. The weighted LUTs are always built here in numpy, so every backend sums the same ints.
+JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = numba for
+these functions, which take the index as host arrays: backend="cuda" uploads it on every call (IKV_SEARCH_BACKEND=cuda
+makes "auto" do so too). The engine, with the model on a GPU, keeps each layer's index on the device instead
+(`ResidentIndex`, appended as tokens spill) and scans it there. The weighted LUTs are always built here in numpy, so
+every backend sums the same ints.
 """
 
 from __future__ import annotations
@@ -580,7 +582,22 @@ def _cuda_extension():
     from torch.utils.cpp_extension import load
 
     sources = [str(CSRC / "hamming_topk.cu"), str(CSRC / "hamming_topk_binding.cpp")]
-    return load(name="ikv_hamming_topk", sources=sources, extra_cuda_cflags=["-O3"], verbose=False)
+    return load(name="ikv_signature_scan", sources=sources, extra_include_paths=[str(CSRC)],
+                extra_cuda_cflags=["-O3"], verbose=False)
+
+
+@functools.cache
+def cuda_scan_ready() -> str | None:
+    """None when the CUDA scan kernel is built and loaded (once per process, JIT: needs nvcc and a C++ compiler),
+    else why not, in one line."""
+    if not _cuda_available():
+        return "torch sees no CUDA device"
+    try:
+        _cuda_extension()
+    except Exception as err:  # noqa: BLE001 - a missing nvcc, ninja or compiler surfaces in many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:160]
+        return f"the CUDA scan kernel did not build ({type(err).__name__}: {first})"
+    return None
 
 
 def topk_rows(scores, k: int, offset: int = 0):
@@ -602,30 +619,98 @@ def topk_rows(scores, k: int, offset: int = 0):
 
 
 def _search_cuda(sigs, weights, queries, k, mode, start, device="cuda", ext=None):
-    # queries: [G, D], row g for head g % H -> scores, ids [G, k]; rows go in passes of <= CUDA_PASS_BYTES
+    # queries: [G, D], row g for head g % H -> scores, ids [G, k]; the index is uploaded for this call, head-major
     # (device and ext let the tests drive this glue on the CPU with a stand-in for the kernel)
     import torch
 
-    def to_device(a):  # torch refuses to wrap read-only arrays (archive memmaps) without a warning
-        return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+    head_major = lambda a: torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, 0, 1))).to(device)  # noqa: E731
+    sigs_t = head_major(sigs)
+    weights_t = head_major(weights) if mode == "weighted" else None
+    return _scan_rows(ext or _cuda_extension(), sigs_t, weights_t, len(sigs), queries, k, mode, start)
 
-    ext = ext or _cuda_extension()
-    sigs_t = to_device(sigs)
-    n_eff = sigs.shape[0] - start
+
+def _scan_rows(ext, sigs_t, weights_t, n_tokens: int, queries, k: int, mode: str, start: int):
+    """The kernel over a head-major device index (tokens 0..n_tokens-1 valid), in passes of <= CUDA_PASS_BYTES of
+    scores, then the top-k of each row on the device: queries [G, D] numpy -> numpy scores, ids [G, k]."""
+    import torch
+
+    device = sigs_t.device
+    n_eff = n_tokens - start
     rows_per_pass = min(65535, max(1, CUDA_PASS_BYTES // (12 * n_eff)))  # float32 score + int64 key per cell
-    if mode == "weighted":
-        weights_t = to_device(weights)
-        table = to_device(score_luts(queries, mode))
-    else:
-        table = to_device(query_bits(queries))
+    table = torch.from_numpy(score_luts(queries, mode) if mode == "weighted" else query_bits(queries)).to(device)
     out_s, out_i = [], []
     for lo in range(0, len(queries), rows_per_pass):
         part = table[lo : lo + rows_per_pass]
         if mode == "weighted":
-            scores = ext.weighted_scores(sigs_t, weights_t, part, start, lo)
+            scores = ext.weighted_scores(sigs_t, weights_t, part, n_tokens, start, lo)
         else:
-            scores = ext.hamming_scores(sigs_t, part, start, lo)
+            scores = ext.hamming_scores(sigs_t, part, n_tokens, start, lo)
         s, i = topk_rows(scores, k, start)
         out_s.append(s)
         out_i.append(i)
     return np.concatenate(out_s), np.concatenate(out_i)
+
+
+class ResidentIndex:
+    """One layer's first-stage index kept on the model's CUDA device: signatures [H, capacity, B] and weights
+    [H, capacity], head-major, appended as tokens spill (capacity doubles) and never uploaded again, so a step's
+    scan moves only its queries' LUTs to the device and the shortlist back.
+
+    Records past the archive's committed point can be rolled back and rewritten (cache.crop, a fork taking over
+    the tail): after a rollback the rows past the committed point are copied again from what the archive holds.
+    """
+
+    def __init__(self, device, ext=None):
+        self.device, self.ext = device, ext  # ext: the kernel module (tests pass a CPU build of the same code)
+        self.n_tokens = 0
+        self.sigs = self.weights = None
+        self._rollbacks = 0
+
+    def sync(self, archive, layer: int) -> None:
+        if archive.rollbacks != self._rollbacks:
+            self._rollbacks = archive.rollbacks
+            self.n_tokens = min(self.n_tokens, archive.committed_tokens)
+        self.append(archive.signatures(layer), archive.key_weights(layer))
+
+    def append(self, signatures: np.ndarray, weights: np.ndarray) -> None:
+        """Copy rows n_tokens.. of the host index ([N, H, B] signatures, [N, H] weights) to the device."""
+        import torch
+
+        n = len(signatures)
+        if n <= self.n_tokens:
+            self.n_tokens = n
+            return
+        capacity = 0 if self.sigs is None else self.sigs.shape[1]
+        if n > capacity:
+            grown = max(n, 2 * capacity, 1024)
+            sigs = torch.empty((signatures.shape[1], grown, signatures.shape[2]), dtype=torch.uint8, device=self.device)
+            wts = torch.empty((signatures.shape[1], grown), device=self.device,
+                              dtype=torch.float16 if weights.dtype == np.float16 else torch.float32)
+            if self.n_tokens:
+                sigs[:, : self.n_tokens] = self.sigs[:, : self.n_tokens]
+                wts[:, : self.n_tokens] = self.weights[:, : self.n_tokens]
+            self.sigs, self.weights = sigs, wts
+        new = slice(self.n_tokens, n)
+        self.sigs[:, new] = torch.from_numpy(np.ascontiguousarray(np.swapaxes(signatures[new], 0, 1))).to(self.device)
+        self.weights[:, new] = torch.from_numpy(np.ascontiguousarray(np.swapaxes(weights[new], 0, 1))).to(self.device)
+        self.n_tokens = n
+
+    def search_many(self, queries, k: int, *, mode: str = "weighted", exclude_before: int = 0,
+                    by_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`search_many` over the rows appended so far: queries [Q, H, D] -> scores, ids [Q, H, k']."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n_queries, n_heads, head_dim = queries.shape
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.sigs is not None and (n_heads, head_dim) != (self.sigs.shape[0], 8 * self.sigs.shape[2]):
+            raise ValueError(f"queries [Q, H, D] = {queries.shape} do not match the index "
+                             f"(H={self.sigs.shape[0]}, D={8 * self.sigs.shape[2]})")
+        start = min(max(0, exclude_before), self.n_tokens)
+        k_out = min(k, self.n_tokens - start)
+        if k_out <= 0:
+            return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
+        scores, ids = _scan_rows(self.ext or _cuda_extension(), self.sigs, self.weights, self.n_tokens,
+                                 queries.reshape(-1, head_dim), k_out, mode, start)
+        if by_index:
+            scores, ids = _by_index(scores, ids)
+        return scores.reshape(n_queries, n_heads, k_out), ids.reshape(n_queries, n_heads, k_out)

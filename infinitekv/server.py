@@ -63,6 +63,8 @@ log = logging.getLogger("uvicorn.error")  # configured by uvicorn, so server lin
 @dataclass(frozen=True)
 class ServeOptions:
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # models.resolve_device
+    dtype: str = "auto"  # models.resolve_dtype
     archives: Path = Path("conversations")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -678,7 +680,7 @@ def serve(options: ServeOptions) -> None:
         raise IKVError(f"cannot create --archives {options.archives} ({err.strerror}); choose a writable "
                        "directory") from None
     sock = bind(options.host, options.port)
-    loaded = load_model(options.model)
+    loaded = load_model(options.model, options.dtype, options.device)
     if not getattr(loaded.tokenizer, "chat_template", None):
         raise IKVError(f"model {options.model} has no chat template; ikv serve needs an instruct (chat) model")
     options = dataclasses.replace(options, config=RetrievalConfig.for_model(loaded.model.config,

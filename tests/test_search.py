@@ -257,7 +257,7 @@ def test_topk_rows_used_by_the_cuda_backend_breaks_ties_like_numpy():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_kernel_compiles_with_nvcc(tmp_path):
-    result = subprocess.run(["nvcc", "-c", "-arch=sm_80", "-o", str(tmp_path / "kernel.o"),
+    result = subprocess.run(["nvcc", "-c", "-arch=sm_80", "-I", str(CSRC), "-o", str(tmp_path / "kernel.o"),
                              str(CSRC / "hamming_topk.cu")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -289,42 +289,110 @@ def test_cuda_backend_equals_numpy(mode, n_bytes, weight_dtype):
 
 
 class LutKernelOnCpu:
-    """What csrc/hamming_topk.cu computes, in numpy: sum of LUT entries (or popcounts) per (row, token)."""
+    """What csrc/hamming_topk.cu computes, in numpy, over a head-major index [H, capacity, B] (tokens < n_tokens)."""
 
     def __init__(self, torch):
         self.torch = torch
 
-    def weighted_scores(self, sigs, weights, luts, start, row_offset):
-        sigs, weights, luts = sigs.numpy(), weights.numpy(), luts.numpy()
-        heads = (row_offset + np.arange(len(luts))) % sigs.shape[1]
+    def weighted_scores(self, sigs, weights, luts, n_tokens, start, row_offset):
+        sigs, weights, luts = sigs.numpy()[:, start:n_tokens], weights.numpy()[:, start:n_tokens], luts.numpy()
+        heads = (row_offset + np.arange(len(luts))) % sigs.shape[0]
         rows = []
         for lut, h in zip(luts, heads):
-            isum = lut[np.arange(sigs.shape[2]), sigs[start:, h]].sum(axis=1)  # [N - start]
-            rows.append(weights[start:, h].astype(np.float32) * isum.astype(np.float32))
+            isum = lut[np.arange(sigs.shape[2]), sigs[h]].sum(axis=1)  # [N - start]
+            rows.append(weights[h].astype(np.float32) * isum.astype(np.float32))
         scores = np.stack(rows) + np.float32(0)  # -0.0 -> +0.0 as the kernel does
         return self.torch.from_numpy(scores.reshape(len(luts), -1))
 
-    def hamming_scores(self, sigs, qbits, start, row_offset):
-        sigs, qbits = sigs.numpy(), qbits.numpy()
-        heads = (row_offset + np.arange(len(qbits))) % sigs.shape[1]
-        dist = [np.unpackbits(sigs[start:, h] ^ q, axis=1).sum(axis=1) for q, h in zip(qbits, heads)]
+    def hamming_scores(self, sigs, qbits, n_tokens, start, row_offset):
+        sigs, qbits = sigs.numpy()[:, start:n_tokens], qbits.numpy()
+        heads = (row_offset + np.arange(len(qbits))) % sigs.shape[0]
+        dist = [np.unpackbits(sigs[h] ^ q, axis=1).sum(axis=1) for q, h in zip(qbits, heads)]
         return self.torch.from_numpy(-np.stack(dist).astype(np.float32).reshape(len(qbits), -1))
+
+
+@pytest.fixture(params=["numpy_stand_in", "kernel_code_on_host"])
+def kernel(request):
+    if request.param == "numpy_stand_in":
+        return LutKernelOnCpu(pytest.importorskip("torch"))
+    return request.getfixturevalue("kernel_on_host")
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
-def test_cuda_backend_glue_equals_numpy_with_a_cpu_stand_in_for_the_kernel(mode, weight_dtype, monkeypatch):
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(S, "CUDA_PASS_BYTES", 12 * 1000 * 4)  # 4 query rows per pass: passes split a head group
-    sigs, weights, _ = random_archive(1011, duplicates=True, seed=14, weight_dtype=weight_dtype)
+@pytest.mark.parametrize("n_bytes", [8, 5])  # word and byte paths of the kernel
+def test_cuda_backend_glue_and_kernel_code_equal_numpy_on_the_cpu(mode, weight_dtype, n_bytes, kernel, monkeypatch):
+    monkeypatch.setattr(S, "CUDA_PASS_BYTES", 12 * 5000 * 4)  # 4 query rows per pass: passes split a head group
+    sigs, weights, _ = random_archive(5011, n_bytes=n_bytes, duplicates=True, seed=14, weight_dtype=weight_dtype)
     weights[::5] = 0
     sigs.setflags(write=False)  # like an archive memmap
-    queries = np.random.default_rng(15).standard_normal((3, 3, 64)).astype(np.float32)
-    for k in (1, 70, 2000):
-        want = search_many(sigs, weights, queries, k, mode=mode, backend="numpy", exclude_before=11)
-        got = S._search_cuda(sigs, weights, queries.reshape(9, 64), min(k, 1000), mode, 11, device="cpu",
-                             ext=LutKernelOnCpu(torch))
+    queries = np.random.default_rng(15).standard_normal((3, 3, 8 * n_bytes)).astype(np.float32)
+    for k, start in [(1, 11), (70, 11), (2000, 11), (64, 0), (5, 5010)]:
+        want = search_many(sigs, weights, queries, k, mode=mode, backend="numpy", exclude_before=start)
+        got = S._search_cuda(sigs, weights, queries.reshape(9, -1), min(k, 5011 - start), mode, start,
+                             device="cpu", ext=kernel)
         assert_same((got[0].reshape(want[0].shape), got[1].reshape(want[1].shape)), want)
+
+
+class Rollbacks:
+    """The slice of an archive a ResidentIndex reads: its index rows, committed point and rollback count."""
+
+    def __init__(self, sigs, weights):
+        self.sigs, self.weights, self.n = sigs, weights, 0
+        self.committed_tokens, self.rollbacks = 0, 0
+
+    def signatures(self, layer):
+        return self.sigs[: self.n]
+
+    def key_weights(self, layer):
+        return self.weights[: self.n]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resident_index_appends_as_tokens_spill_and_searches_like_numpy(mode, kernel):
+    sigs, weights, _ = random_archive(6000, duplicates=True, seed=21, weight_dtype=np.float16)
+    queries = np.random.default_rng(22).standard_normal((2, 3, 64)).astype(np.float32)
+    archive = Rollbacks(sigs, weights)
+    index = S.ResidentIndex("cpu", ext=kernel)
+    for n in (0, 1, 700, 1024, 1025, 4000, 6000):  # grows past its capacity more than once
+        archive.n = n
+        index.sync(archive, 0)
+        assert index.n_tokens == n
+        for start in (0, 300):
+            want = search_many(sigs[:n], weights[:n], queries, 128, mode=mode, backend="numpy",
+                               exclude_before=start, by_index=True)
+            got = index.search_many(queries, 128, mode=mode, exclude_before=start, by_index=True)
+            assert_same(got, want)
+
+
+def test_resident_index_rereads_rows_rewritten_after_a_rollback(kernel):
+    sigs, weights, _ = random_archive(3000, seed=23)
+    archive = Rollbacks(sigs.copy(), weights.copy())
+    index = S.ResidentIndex("cpu", ext=kernel)
+    archive.n = 3000
+    index.sync(archive, 0)
+    # a fork rolls the uncommitted tail back and writes its own: same length, other records
+    archive.committed_tokens, archive.rollbacks = 2000, 1
+    archive.sigs[2000:] = 255 - archive.sigs[2000:]
+    index.sync(archive, 0)
+    queries = np.random.default_rng(24).standard_normal((1, 3, 64)).astype(np.float32)
+    assert_same(index.search_many(queries, 300), search_many(archive.sigs, archive.weights, queries, 300,
+                                                             backend="numpy"))
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with a CUDA device")
+def test_resident_index_on_the_gpu_equals_numpy():
+    sigs, weights, _ = random_archive(50000, duplicates=True, seed=25, weight_dtype=np.float16)
+    queries = np.random.default_rng(26).standard_normal((4, 3, 64)).astype(np.float32)
+    archive = Rollbacks(sigs, weights)
+    index = S.ResidentIndex("cuda")
+    for n in (5000, 50000):
+        archive.n = n
+        index.sync(archive, 0)
+        for mode in MODES:
+            assert_same(index.search_many(queries, 1024, mode=mode, exclude_before=17, by_index=True),
+                        search_many(sigs[:n], weights[:n], queries, 1024, mode=mode, backend="numpy",
+                                    exclude_before=17, by_index=True))
 
 
 def test_top_k_rows_breaks_ties_to_the_lower_index_and_treats_signed_zeros_alike():
