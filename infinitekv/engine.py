@@ -334,7 +334,7 @@ def _routed(model, fresh_cache: Callable[[], RoutedCache]):
         handles += [attn.register_forward_pre_hook(route_attention, with_kwargs=True)
                     for attn in adapters.attention_modules(model)]
         if share is not None:
-            handles.append(model.register_forward_pre_hook(lambda *_: share.begin()))
+            handles.append(model.register_forward_pre_hook(_begin_forward(share), with_kwargs=True))
             handles.append(model.register_forward_hook(_after_forward(share), with_kwargs=True, always_call=True))
             handles += [attn.register_forward_pre_hook(_layer_tick(share), with_kwargs=True)
                         for attn in adapters.attention_modules(model)]
@@ -350,10 +350,20 @@ def _routed(model, fresh_cache: Callable[[], RoutedCache]):
             share.restore()
 
 
+def _begin_forward(share: threads.CoreShare):
+    def begin(model, args, kwargs):
+        # only the engine's forwards are measured and run on the shared count; any other forward of the model (a
+        # baseline's own cache beside it) runs on the user's
+        if isinstance(kwargs.get("past_key_values"), RoutedCache):
+            share.begin()
+    return begin
+
+
 def _layer_tick(share: threads.CoreShare):
     def tick(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden is not None and hidden.shape[-2] > 1:  # a prefill forward: measured layer by layer
+        if (isinstance(kwargs.get("past_key_values"), RoutedCache) and hidden is not None
+                and hidden.shape[-2] > 1):  # a prefill forward: measured layer by layer
             share.tick()
     return tick
 
@@ -361,9 +371,8 @@ def _layer_tick(share: threads.CoreShare):
 def _after_forward(share: threads.CoreShare):
     def after(model, args, kwargs, output):
         cache = kwargs.get("past_key_values")
-        if isinstance(cache, RoutedCache) and share.current < share.full:
+        if isinstance(cache, RoutedCache) and share.end():
             cache.counters.forwards_on_fewer_threads += 1
-        share.end()
     return after
 
 

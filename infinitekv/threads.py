@@ -71,8 +71,8 @@ def run_queue_wait_ns() -> int | None:
 
 
 class CoreShare:
-    """torch's and numba's thread counts for the model's forwards: all the threads they were given while the process
-    gets the cores, half as many while its threads wait for them.
+    """torch's and numba's thread counts for the engine's forwards: all the threads the user gave them while the
+    process gets the cores, half as many while its threads wait for them.
 
     Every parallel region waits at its end for its slowest thread, so when another process holds a core, each of a
     chunk's hundreds of small regions waits for a descheduled thread (measured on 2 cores with one busy process: the
@@ -81,6 +81,11 @@ class CoreShare:
     prefill forward; Linux schedstat): it is 0 on a quiet machine and near 0 on fewer threads beside the other
     process, so after some stretches on fewer threads one stretch tries more again, and keeps them if they did not
     wait. Without schedstat nothing changes.
+
+    The chosen count (`current`) holds only inside a measured forward, from `begin` to `end`; `end` gives the user's
+    counts back, and the next `begin` takes the chosen one up again. So between the engine's forwards, and in any
+    forward it does not measure (a baseline model's own cache beside it in `ikv bench speed`), torch and numba run
+    on the counts the user set.
     """
 
     def __init__(self, wait_ns: Callable[[], int | None] = run_queue_wait_ns,
@@ -89,28 +94,54 @@ class CoreShare:
 
         self.wait_ns, self.clock = wait_ns, clock  # tests pass their own
         self.full = torch.get_num_threads()
-        self.current = self.full
+        self.full_numba = nb.get_num_threads()  # given back as it was: the user may have set it apart from torch's
+        self.current = self.full  # the count the engine's forwards run on
         self.patience = PROBE_AFTER[0]  # stretches on fewer threads before the next try with more
         self.countdown = 0
         self.probing = False
         self.started: tuple[int, float] | None = None
+        self.in_forward = False
+        self.fewer = False  # the forward in progress ran on fewer threads than the user's at some point
 
     def begin(self) -> None:
+        """A measured forward begins, on the count chosen by the forwards before it."""
+        self.in_forward, self.fewer = True, self.current < self.full
+        self._apply(self.current)
+        self._start()
+
+    def tick(self) -> None:
+        """End one measured stretch and begin the next (a long forward is measured layer by layer, so it can leave
+        the threads it started with before it ends)."""
+        if not self.in_forward:
+            return
+        if self.started is not None and self.clock() - self.started[1] < SHORTEST_STRETCH_S:
+            return
+        self._judge()
+        self._start()
+
+    def end(self) -> bool:
+        """A measured forward ends: its last stretch chooses the count for the next one, and the user's counts are
+        back until then. True when the forward ran on fewer threads than the user's, at its start or later."""
+        if not self.in_forward:  # a forward whose begin never ran (an earlier pre-hook raised)
+            return False
+        self.in_forward = False
+        fewer = self.fewer
+        self._judge()
+        self.restore()
+        return fewer
+
+    def restore(self) -> None:
+        """The user's counts, as they were when this share was made."""
+        self._set(self.full, self.full_numba)
+
+    def _start(self) -> None:
         if self.full == 1:  # nothing to give back: no need to read the run queue every forward
             self.started = None
             return
         wait = self.wait_ns()
         self.started = None if wait is None else (wait, self.clock())
 
-    def tick(self) -> None:
-        """End one measured stretch and begin the next (a long forward is measured layer by layer, so it can leave
-        the threads it started with before it ends)."""
-        if self.started is not None and self.clock() - self.started[1] < SHORTEST_STRETCH_S:
-            return
-        self.end()
-        self.begin()
-
-    def end(self) -> None:
+    def _judge(self) -> None:
         started, self.started = self.started, None
         if started is None:
             return
@@ -136,12 +167,22 @@ class CoreShare:
                 self.probing = True
                 self._use(min(self.full, 2 * self.current))
 
-    def restore(self) -> None:
-        self._use(self.full)
-
     def _use(self, threads: int) -> None:
+        self.current = threads
+        if self.in_forward:  # a layer's tick: the rest of this forward runs on the new count
+            self.fewer = self.fewer or threads < self.full
+            self._apply(threads)
+
+    def _apply(self, threads: int) -> None:
+        numba = self.full_numba if threads >= self.full else max(1, min(threads, self.full_numba))
+        self._set(threads, numba)
+
+    @staticmethod
+    def _set(torch_threads: int, numba_threads: int) -> None:
         import torch
 
-        self.current = threads
-        torch.set_num_threads(threads)
-        nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
+        # only what differs: on a quiet machine the engine's forwards never touch the pools
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+        if nb.get_num_threads() != numba_threads:
+            nb.set_num_threads(numba_threads)
