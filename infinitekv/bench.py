@@ -48,7 +48,7 @@ def gate_equivalence(loaded: LoadedModel, prompt_tokens: int = 1500, new_tokens:
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer(english_text(prompt_tokens * 8), add_special_tokens=False)["input_ids"][:prompt_tokens]
     with torch.no_grad():
-        reference = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        reference = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
     expected = reference[0, len(ids):].tolist()
     config = RetrievalConfig(hot_window=prompt_tokens + new_tokens + 64)
@@ -136,7 +136,7 @@ def _unmodified_answer(loaded: LoadedModel, needle, max_new_tokens: int = 24) ->
     tokenizer = loaded.tokenizer
     messages = [{"role": "user", "content": needle.document + "\n\n" + needle.question}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+                                        return_dict=True)["input_ids"].to(loaded.model.device)
     with torch.no_grad():
         out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -199,7 +199,7 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
     document, needles = two_facts(tokenizer, tokens)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": document + "\n\n" + n.question}],
                                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
-               ["input_ids"] for n in needles]
+               ["input_ids"].to(model.device) for n in needles]
     shared = next(i for i, (a, b) in enumerate(zip(prompts[0][0].tolist(), prompts[1][0].tolist())) if a != b)
     generate = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     rows = []
@@ -347,7 +347,7 @@ def _capture_qk(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.T
     model.set_attn_implementation(_CAPTURE)
     try:
         with torch.no_grad():
-            model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+            model(torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)
     finally:
         model.set_attn_implementation(previous)
         for hook in hooks:
@@ -573,13 +573,13 @@ def _side_by_side(loaded: LoadedModel, config: RetrievalConfig, ids: list[int], 
                       fingerprint=loaded.weights_sha256) as session, torch.no_grad():
         start = time.perf_counter()
         logits = session.feed(ids)
-        row["ikv_prefill_s"] = time.perf_counter() - start
+        row["ikv_prefill_s"] = finished(start, loaded.model)
         full = _FullCache(loaded.model, ids) if baseline else None
         ikv_steps, full_steps = [], []
         for _ in range(decode_steps):
             start = time.perf_counter()
             logits = session.feed([int(logits.argmax())])
-            ikv_steps.append(time.perf_counter() - start)
+            ikv_steps.append(finished(start, loaded.model))
             if full is not None:
                 full_steps.append(full.step())
         row["ikv_decode_ms"] = 1000 * float(np.median(ikv_steps))
@@ -605,6 +605,13 @@ def busy_process():
         hog.wait()
 
 
+def finished(start: float, model) -> float:
+    """Seconds since `start` once the model's device has done the work queued so far (a GPU runs behind the host)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - start
+
+
 class _FullCache:
     """The unmodified model with its own cache: its prefill is timed on creation, then `step` times one greedy
     decode step at a time, so a caller can take its steps in turns with the engine's."""
@@ -612,15 +619,15 @@ class _FullCache:
     def __init__(self, model, ids: list[int]):
         with torch.no_grad():
             start = time.perf_counter()
-            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-            self.prefill_s = time.perf_counter() - start
+            out = model(torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+            self.prefill_s = finished(start, model)
         self.model, self.cache, self.token = model, out.past_key_values, out.logits[0, -1].argmax()
 
     def step(self) -> float:
         with torch.no_grad():
             start = time.perf_counter()
             out = self.model(self.token.view(1, 1), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            seconds = time.perf_counter() - start
+            seconds = finished(start, self.model)
         self.cache, self.token = out.past_key_values, out.logits[0, -1].argmax()
         return seconds
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -121,7 +122,9 @@ def flat_scans(sizes, k: int, repeat: int, memcpy: float, device_memcpy: float |
             resident.append(sigs, weights)
         for mode, backends in FLAT_BACKENDS.items():
             ms, results = {}, {}
-            for backend in backends + (("cuda-resident",) if resident else ()):
+            # faiss-cpu is a dependency, but an environment can lack it (a GPU image with its own packages)
+            available = tuple(b for b in backends if b != "faiss" or importlib.util.find_spec("faiss") is not None)
+            for backend in available + (("cuda-resident",) if resident else ()):
                 if backend == "cuda-resident":
                     run = lambda: tuple(a[0] for a in resident.search_many(queries[None], k, mode=mode))  # noqa: E731
                 else:
