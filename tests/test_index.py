@@ -3,13 +3,16 @@ equals the flat one when the budget covers everything, and rolled-back records n
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from infinitekv import codec
 from infinitekv import index as two_level
 from infinitekv.archive import Archive, Layout
-from infinitekv.attention import ColdTier, RetrievalConfig, select_blocks, select_cold_blocks
+from infinitekv.attention import ColdTier, RetrievalConfig, Rope, select_blocks, select_cold_blocks
 
 HEAD_DIM, N_HEADS = 16, 2
 
@@ -145,7 +148,8 @@ def test_a_rollback_rebuilds_the_clusters_of_records_that_were_replaced():
 @pytest.mark.parametrize("segment, n_cold, used", [(0, 5000, False), (4096, 4000, False), (4096, 5000, True)])
 def test_the_cold_tier_goes_two_level_once_a_segment_is_complete(segment, n_cold, used):
     archive = ram_archive(keys_around_centres(n_cold, np.random.default_rng(7)))
-    cold = ColdTier(archive, RetrievalConfig(cluster_segment=segment), rope=None, counters={})
+    rope = Rope(SimpleNamespace(inv_freq=torch.ones(HEAD_DIM // 2)), torch.float32, "cpu")
+    cold = ColdTier(archive, RetrievalConfig(cluster_segment=segment), rope=rope, counters={})
     index = cold.cluster_index(0)
     assert (index is not None) == used
     if used:
