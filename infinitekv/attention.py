@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from infinitekv import adapters, codec, search
+from infinitekv import adapters, codec, device_retrieval, search
 from infinitekv.errors import IKVError
 from infinitekv.index import ClusterIndex
 
@@ -242,18 +242,18 @@ def select_blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def selection_queries(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: int) -> np.ndarray:
+def selection_queries(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: int) -> torch.Tensor:
     """Queries turned so that q'.k (pre-RoPE k) approximates the logit a cold key gets under RoPE.
 
     RoPE makes the logit (R_p q).(R_j k) = (R_(p-j) q).k: it depends on the distance p - j. In the compact layout
     retrieved keys sit between w + 1 and w + r positions before the query, so every query is turned by the middle
     of that span (measured on SmolLM2 at 2k: median KL 0.0088 unturned -> 0.0043 turned, top-1 0.91 -> 0.95).
-    q: [Hq, C, D] -> float32 numpy [Hk, C, G, D].
+    q: [Hq, C, D] -> float32 [Hk, C, G, D] on q's device.
     """
     n_q_heads, length, head_dim = q.shape
     cos, sin = rope.at(distance, 1)
     turned = apply_rope(q.detach().float(), cos.float(), sin.float())
-    return turned.view(n_kv_heads, -1, length, head_dim).transpose(1, 2).cpu().numpy()
+    return turned.view(n_kv_heads, -1, length, head_dim).transpose(1, 2)
 
 
 def decode_cold(archive, layer: int, ids: np.ndarray):
@@ -266,8 +266,7 @@ def decode_cold(archive, layer: int, ids: np.ndarray):
 
 
 def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
-                       retrieved: int, clusters: ClusterIndex | None = None,
-                       resident: search.ResidentIndex | None = None) -> np.ndarray:
+                       retrieved: int, clusters: ClusterIndex | None = None) -> np.ndarray:
     """The cold tokens each selection block attends, per kv-head: ids [Hk, n_blocks, r] sorted ascending,
     r = `retrieved`; the queries of one block share them.
 
@@ -280,7 +279,7 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     over a few consecutive tokens needs. Decode steps are blocks of one query.
     clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
     block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two.
-    resident: the layer's signatures on the model's GPU; the flat scan runs there (same result, bit for bit).
+    With the model on a GPU, device_retrieval does the same on the device.
     """
     n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ archive.rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
@@ -292,14 +291,10 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
     # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
     tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
-    if resident is not None:
-        _, shortlist = resident.search_many(block_means, tail_k, mode=config.search_mode, exclude_before=covered,
-                                            by_index=True)
-    else:
-        _, shortlist = search.search_many(
-            archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
-            mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
-        )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
+    _, shortlist = search.search_many(
+        archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
+        mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
+    )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
     if covered:  # the clustered tokens all come before the flat tail: joined, the shortlist stays in token order
         per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
         # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
@@ -335,10 +330,11 @@ class ColdTier:
     rope: Rope
     counters: dict
     clusters: dict = field(default_factory=dict)  # layer -> ClusterIndex, built as segments complete
-    resident: dict | None = None  # layer -> search.ResidentIndex while the first stage runs on the model's GPU
+    resident: dict | None = None  # layer -> search.ResidentIndex (with records) while retrieval runs on the GPU
+    device_basis: dict = field(default_factory=dict)  # R and each layer's mu on the model's device
 
     def __post_init__(self):
-        if scan_on_device(self.config.search_backend, self.rope.device):
+        if retrieval_on_device(self.config, self.rope.device):
             self.resident = {}
 
     def cluster_index(self, layer: int) -> ClusterIndex | None:
@@ -353,25 +349,37 @@ class ColdTier:
 
 
     def resident_index(self, layer: int) -> search.ResidentIndex | None:
-        """The layer's signatures on the model's GPU, brought up to date with its records; None: the scan runs on
-        the CPU."""
+        """The layer's index and records on the model's GPU, brought up to date with the archive; None: retrieval
+        runs on the CPU."""
         if self.resident is None:
             return None
         if layer not in self.resident:
-            self.resident[layer] = search.ResidentIndex(self.rope.device)
+            self.resident[layer] = search.ResidentIndex(self.rope.device, with_records=True)
         self.resident[layer].sync(self.archive, layer)
         return self.resident[layer]
 
+    def basis_on_device(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """R and the layer's mu (fixed at its first spill) as float32 tensors on the model's device."""
+        if layer not in self.device_basis:
+            as_tensor = lambda a: torch.from_numpy(np.array(a, np.float32)).to(self.rope.device)  # noqa: E731
+            self.device_basis[layer] = (as_tensor(self.archive.rotation), as_tensor(self.archive.key_mean(layer)))
+        return self.device_basis[layer]
 
-def scan_on_device(backend: str, device: torch.device) -> bool:
-    """Whether the first stage runs on the model's GPU: backend 'cuda', or 'auto' with the model on a CUDA device and
-    the kernel built (else the CPU scan, which returns the same shortlist)."""
-    if backend == "cuda":
-        why_not = search.cuda_scan_ready() if torch.device(device).type == "cuda" else f"the model is on {device}, not a GPU"
+
+def retrieval_on_device(config: RetrievalConfig, device) -> bool:
+    """Whether retrieval runs on the model's GPU (device_retrieval): search_backend 'cuda', or 'auto' with the model
+    on a CUDA device and the scan kernel built; weighted search only. Else on the CPU (the same selection, summed in
+    another order)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if config.search_backend == "cuda":
+        why_not = search.cuda_scan_ready() if on_gpu else f"the model is on {device}, not a GPU"
+        if not why_not and config.search_mode != "weighted":
+            why_not = f"search_mode {config.search_mode!r} has no device path (weighted has)"
         if why_not:
             raise IKVError(f"search_backend='cuda' cannot run: {why_not}; use search_backend='auto'")
         return True
-    return backend == "auto" and torch.device(device).type == "cuda" and search.cuda_scan_ready() is None
+    return (config.search_backend == "auto" and on_gpu and config.search_mode == "weighted"
+            and search.cuda_scan_ready() is None)
 
 
 def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v, scale: float,
@@ -426,13 +434,19 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     each (the queries of a block share them, so they are decoded and turned once per block, not per query)."""
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
-    q_grouped = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
-    ids = select_cold_blocks(cold.archive, layer, q_grouped, blocks, cold.config, retrieved, cold.cluster_index(layer),
-                             cold.resident_index(layer))
-    keys, values = decode_cold(cold.archive, layer, ids)
+    turned = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
+    index = cold.resident_index(layer)
+    if index is not None:  # on the GPU: the same steps in torch, no host crossing
+        rotation, key_mean = cold.basis_on_device(layer)
+        ids = device_retrieval.select_blocks_on_device(index, turned @ rotation.T, blocks, cold.config.shortlist,
+                                                       retrieved)
+        keys, values = device_retrieval.decode_on_device(index, ids, rotation, key_mean)
+    else:
+        ids = select_cold_blocks(cold.archive, layer, turned.cpu().numpy(), blocks, cold.config, retrieved,
+                                 cold.cluster_index(layer))
+        keys, values = (torch.from_numpy(a) for a in decode_cold(cold.archive, layer, ids))
     device, dtype = q.device, q.dtype
-    keys = cold.rope.rotate(torch.from_numpy(keys).to(device, dtype), s)
-    return keys, torch.from_numpy(values).to(device, dtype)
+    return cold.rope.rotate(keys.to(device, dtype), s), values.to(device, dtype)
 
 
 def sliding_mask(query_start: int, length: int, n_keys: int, window: int, device) -> torch.Tensor:

@@ -396,7 +396,7 @@ def bench_coverage(loaded: LoadedModel, config: RetrievalConfig, lengths=(2048, 
                     n_cold = first - w - s
                     retrieved = min(config.top_k_cold, n_cold)
                     q_block = q_pre[:, first : t + 1]  # [Hq, C, D]
-                    q_grouped = selection_queries(q_block, w + (retrieved + 1) // 2, rope, n_kv)
+                    q_grouped = selection_queries(q_block, w + (retrieved + 1) // 2, rope, n_kv).cpu().numpy()
                     picked = select_cold(ColdRecords(records[:n_cold], head_dim, rotation), layer, q_grouped,
                                          select_blocks(q_block.shape[1], block), config, retrieved)
                     q_last = rope.rotate(q_pre[:, t : t + 1], int(t))[:, 0]  # [Hq, D]: the block's last query

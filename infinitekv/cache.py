@@ -360,7 +360,14 @@ class InfiniteKVCache(RoutedCache):
             "cold_records_where": self.archive.mode,
             "fp16_kv_bytes_replaced": fp16_cold,
             "resident_fraction_of_fp16": (index_bytes / fp16_cold) if fp16_cold else 0.0,
+            # with the model on a GPU, each layer's index and records mirrored there for retrieval (device_retrieval)
+            "device_mirror_bytes": sum(_mirror_bytes(index) for index in (self.cold.resident or {}).values()),
         }
+
+
+def _mirror_bytes(index) -> int:
+    """Device memory a layer's mirror holds (its allocated capacity: it grows by doubling)."""
+    return sum(t.numel() * t.element_size() for t in (index.sigs, index.weights, index.records) if t is not None)
 
 
 def checked_state(arrays: dict, meta: dict, n_layers: int, where) -> RetrievalConfig:

@@ -284,7 +284,8 @@ def run(
         f"tokens {bill['tokens']:,} (cold {bill['cold_tokens']:,}); hot tier {bill['hot_tier_bytes'] / 2**20:.1f} MiB; "
         f"cold index {bill['cold_index_bytes_resident'] / 2**20:.2f} MiB resident; cold records "
         f"{bill['cold_record_bytes'] / 2**20:.1f} MiB on {bill['cold_records_where']}; fp16 KV replaced "
-        f"{bill['fp16_kv_bytes_replaced'] / 2**20:.1f} MiB",
+        f"{bill['fp16_kv_bytes_replaced'] / 2**20:.1f} MiB"
+        + (f"; mirrored on the GPU {bill['device_mirror_bytes'] / 2**20:.1f} MiB" if bill["device_mirror_bytes"] else ""),
         file=sys.stderr,
     )
     inputs = {}
@@ -319,6 +320,7 @@ def run(
             "cold_index_bytes_resident": receipts.metric(bill["cold_index_bytes_resident"], "bytes"),
             "cold_record_bytes": receipts.metric(bill["cold_record_bytes"], "bytes"),
             "fp16_kv_bytes_replaced": receipts.metric(bill["fp16_kv_bytes_replaced"], "bytes"),
+            "device_mirror_bytes": receipts.metric(bill["device_mirror_bytes"], "bytes"),
         },
         started_at=started_at,
         duration_s=time.perf_counter() - clock,

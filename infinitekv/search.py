@@ -601,10 +601,17 @@ def cuda_scan_ready() -> str | None:
 
 
 def topk_rows(scores, k: int, offset: int = 0):
-    """torch float32 [G, n] scores (-0.0 already +0.0) -> numpy (scores, ids + offset) [G, k], index tie-break.
+    """torch float32 [G, n] scores (-0.0 already +0.0) -> numpy (scores, ids + offset) [G, k], index tie-break."""
+    best, local = topk_rows_on_device(scores, k)
+    return best.cpu().numpy(), local.cpu().numpy() + offset
 
-    Packs each score with its index into one int64 key, order-preserving float bits in the high half and
-    0xFFFFFFFF - index in the low half, so torch.topk's unspecified tie order cannot matter: keys are unique.
+
+def topk_rows_on_device(scores, k: int):
+    """torch float32 [G, n] scores (-0.0 already +0.0) -> (scores, positions) [G, k] on their device, best first,
+    equal scores to the lower position.
+
+    Packs each score with its position into one int64 key, order-preserving float bits in the high half and
+    0xFFFFFFFF - position in the low half, so torch.topk's unspecified tie order cannot matter: keys are unique.
     Runs on any torch device (the tests check it on the CPU).
     """
     import torch
@@ -614,8 +621,7 @@ def topk_rows(scores, k: int, offset: int = 0):
     low = 0xFFFFFFFF - torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)
     keys = torch.topk((monotone << 32) | low, k, dim=1, largest=True, sorted=True).values
     local = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
-    best = torch.gather(scores, 1, local)
-    return best.cpu().numpy(), local.cpu().numpy() + offset
+    return torch.gather(scores, 1, local), local
 
 
 def _search_cuda(sigs, weights, queries, k, mode, start, device="cuda", ext=None):
@@ -630,25 +636,34 @@ def _search_cuda(sigs, weights, queries, k, mode, start, device="cuda", ext=None
 
 
 def _scan_rows(ext, sigs_t, weights_t, n_tokens: int, queries, k: int, mode: str, start: int):
-    """The kernel over a head-major device index (tokens 0..n_tokens-1 valid), in passes of <= CUDA_PASS_BYTES of
-    scores, then the top-k of each row on the device: queries [G, D] numpy -> numpy scores, ids [G, k]."""
+    """The kernel over a head-major device index (tokens 0..n_tokens-1 valid) for numpy queries [G, D] -> numpy
+    scores, ids [G, k]."""
     import torch
 
-    device = sigs_t.device
+    table = torch.from_numpy(score_luts(queries, mode) if mode == "weighted" else query_bits(queries))
+    scores, ids = scan_on_device(ext, sigs_t, weights_t, n_tokens, table.to(sigs_t.device), k, mode, start)
+    return scores.cpu().numpy(), ids.cpu().numpy()
+
+
+def scan_on_device(ext, sigs_t, weights_t, n_tokens: int, table, k: int, mode: str, start: int = 0):
+    """The kernel over a head-major device index, then the top-k of each row on the device, in passes of
+    <= CUDA_PASS_BYTES of scores: table (on the device) is the rows' LUTs int32 [G, B, 256] (weighted) or query bits
+    uint8 [G, B] (hamming) -> (scores float32, ids int64) [G, k] on the device, best first, ties to the lower id."""
+    import torch
+
     n_eff = n_tokens - start
     rows_per_pass = min(65535, max(1, CUDA_PASS_BYTES // (12 * n_eff)))  # float32 score + int64 key per cell
-    table = torch.from_numpy(score_luts(queries, mode) if mode == "weighted" else query_bits(queries)).to(device)
     out_s, out_i = [], []
-    for lo in range(0, len(queries), rows_per_pass):
+    for lo in range(0, len(table), rows_per_pass):
         part = table[lo : lo + rows_per_pass]
         if mode == "weighted":
             scores = ext.weighted_scores(sigs_t, weights_t, part, n_tokens, start, lo)
         else:
             scores = ext.hamming_scores(sigs_t, part, n_tokens, start, lo)
-        s, i = topk_rows(scores, k, start)
-        out_s.append(s)
-        out_i.append(i)
-    return np.concatenate(out_s), np.concatenate(out_i)
+        best, local = topk_rows_on_device(scores, k)
+        out_s.append(best)
+        out_i.append(local + start)
+    return torch.cat(out_s), torch.cat(out_i)
 
 
 class ResidentIndex:
@@ -660,39 +675,46 @@ class ResidentIndex:
     the tail): after a rollback the rows past the committed point are copied again from what the archive holds.
     """
 
-    def __init__(self, device, ext=None):
+    def __init__(self, device, ext=None, with_records: bool = False):
         self.device, self.ext = device, ext  # ext: the kernel module (tests pass a CPU build of the same code)
+        self.with_records = with_records  # records [H, capacity, record_bytes] too (device_retrieval reranks them)
         self.n_tokens = 0
-        self.sigs = self.weights = None
+        self.sigs = self.weights = self.records = None
         self._rollbacks = 0
+
+    def kernel(self):
+        return self.ext or _cuda_extension()
 
     def sync(self, archive, layer: int) -> None:
         if archive.rollbacks != self._rollbacks:
             self._rollbacks = archive.rollbacks
             self.n_tokens = min(self.n_tokens, archive.committed_tokens)
-        self.append(archive.signatures(layer), archive.key_weights(layer))
+        self.append(archive.signatures(layer), archive.key_weights(layer),
+                    archive.records(layer) if self.with_records else None)
 
-    def append(self, signatures: np.ndarray, weights: np.ndarray) -> None:
-        """Copy rows n_tokens.. of the host index ([N, H, B] signatures, [N, H] weights) to the device."""
+    def append(self, signatures: np.ndarray, weights: np.ndarray, records: np.ndarray | None = None) -> None:
+        """Copy rows n_tokens.. of the host index ([N, H, B] signatures, [N, H] weights, and [N, H, record_bytes]
+        records when kept) to the device."""
         import torch
 
         n = len(signatures)
         if n <= self.n_tokens:
             self.n_tokens = n
             return
+        host = {"sigs": signatures, "weights": weights, **({"records": records} if self.with_records else {})}
         capacity = 0 if self.sigs is None else self.sigs.shape[1]
         if n > capacity:
             grown = max(n, 2 * capacity, 1024)
-            sigs = torch.empty((signatures.shape[1], grown, signatures.shape[2]), dtype=torch.uint8, device=self.device)
-            wts = torch.empty((signatures.shape[1], grown), device=self.device,
-                              dtype=torch.float16 if weights.dtype == np.float16 else torch.float32)
-            if self.n_tokens:
-                sigs[:, : self.n_tokens] = self.sigs[:, : self.n_tokens]
-                wts[:, : self.n_tokens] = self.weights[:, : self.n_tokens]
-            self.sigs, self.weights = sigs, wts
+            for name, array in host.items():
+                dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+                bigger = torch.empty((array.shape[1], grown, *array.shape[2:]), dtype=dtype, device=self.device)
+                if self.n_tokens:
+                    bigger[:, : self.n_tokens] = getattr(self, name)[:, : self.n_tokens]
+                setattr(self, name, bigger)
         new = slice(self.n_tokens, n)
-        self.sigs[:, new] = torch.from_numpy(np.ascontiguousarray(np.swapaxes(signatures[new], 0, 1))).to(self.device)
-        self.weights[:, new] = torch.from_numpy(np.ascontiguousarray(np.swapaxes(weights[new], 0, 1))).to(self.device)
+        for name, array in host.items():
+            rows = torch.from_numpy(np.ascontiguousarray(np.swapaxes(array[new], 0, 1)))
+            getattr(self, name)[:, new] = rows.to(self.device)
         self.n_tokens = n
 
     def search_many(self, queries, k: int, *, mode: str = "weighted", exclude_before: int = 0,
@@ -709,7 +731,7 @@ class ResidentIndex:
         k_out = min(k, self.n_tokens - start)
         if k_out <= 0:
             return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
-        scores, ids = _scan_rows(self.ext or _cuda_extension(), self.sigs, self.weights, self.n_tokens,
+        scores, ids = _scan_rows(self.kernel(), self.sigs, self.weights, self.n_tokens,
                                  queries.reshape(-1, head_dim), k_out, mode, start)
         if by_index:
             scores, ids = _by_index(scores, ids)
