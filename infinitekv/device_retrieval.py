@@ -24,7 +24,7 @@ import torch
 
 from infinitekv import search
 
-_BYTE_SIGNS = torch.from_numpy(search._BYTE_SIGNS.T.astype(np.float64))  # [8, 256]: +1 for bit 0, -1 for bit 1
+_BYTE_SIGNS = {}  # device -> float64 [8, 256]: +1 for bit 0, -1 for bit 1; copied once (a copy makes the host wait)
 
 
 def weighted_luts(queries: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,9 @@ def weighted_luts(queries: torch.Tensor) -> torch.Tensor:
     peak = q.abs().amax(dim=-1, keepdim=True)
     step = torch.where(peak > 0, float(2**search.QUERY_BITS) / peak.clamp_min(1e-300), torch.zeros_like(peak))
     qi = torch.round(q * step)  # half to even, as np.rint; integers < 2**17, exact in float64
-    signs = _BYTE_SIGNS.to(q.device)
+    if q.device not in _BYTE_SIGNS:
+        _BYTE_SIGNS[q.device] = torch.from_numpy(search._BYTE_SIGNS.T.astype(np.float64)).to(q.device)
+    signs = _BYTE_SIGNS[q.device]
     return (qi.view(q.shape[0], -1, 8) @ signs).to(torch.int32)  # sums of <= 8 of them: exact
 
 
@@ -60,25 +62,27 @@ def select_blocks_on_device(index: search.ResidentIndex, q_rotated: torch.Tensor
                             retrieved: int) -> torch.Tensor:
     """The cold tokens each block attends, per kv-head: int64 ids [Hk, n_blocks, r] ascending, on the device.
 
-    q_rotated: [Hk, C, G, D] float32 queries in the rotated basis (R q)."""
+    q_rotated: [Hk, C, G, D] float32 queries in the rotated basis (R q); blocks as attention.select_blocks cuts
+    them (equal blocks, the last one maybe shorter), so their layout is built on the device from their number and
+    width: a list copied from the host would make the host wait for the device, every layer of every step."""
     n_heads, length, group, head_dim = q_rotated.shape
     device = q_rotated.device
-    starts = torch.tensor([a for a, _ in blocks], device=device)
-    sizes = torch.tensor([b - a for a, b in blocks], device=device)
-    widest = int(max(b - a for a, b in blocks))
-    # each block's queries, padded to the widest block with copies of its own (a max is unchanged by repeats)
-    take = starts[:, None] + torch.minimum(torch.arange(widest, device=device)[None, :], sizes[:, None] - 1)
+    n_blocks, widest = len(blocks), blocks[0][1] - blocks[0][0]
+    # each block's queries, the last block padded with copies of the last query (a max is unchanged by repeats)
+    positions = torch.arange(n_blocks * widest, device=device).view(n_blocks, widest)
+    take = positions.clamp_max(length - 1)
     by_block = q_rotated[:, take]  # [Hk, n_blocks, widest, G, D]
-    summed = q_rotated.sum(dim=2)  # [Hk, C, D]: one first-stage query per kv-head
-    means = torch.stack([summed[:, a:b].mean(dim=1) for a, b in blocks])  # [n_blocks, Hk, D]
+    summed = q_rotated.sum(dim=2)[:, take]  # [Hk, n_blocks, widest, D]: one first-stage query per kv-head
+    real = (positions < length).to(summed.dtype)[None, :, :, None]
+    means = ((summed * real).sum(dim=2) / real.sum(dim=2)).transpose(0, 1)  # [n_blocks, Hk, D]
     n_tokens = index.n_tokens
     candidates = min(shortlist, n_tokens)
     luts = weighted_luts(means.reshape(-1, head_dim))  # row g: block g // Hk, head g % Hk
     _, first = search.scan_on_device(index.kernel(), index.sigs, index.weights, n_tokens, luts, candidates, "weighted")
-    first = first.sort(dim=-1).values.view(len(blocks), n_heads, candidates)  # [n_blocks, Hk, L], in token order
+    first = first.sort(dim=-1).values.view(n_blocks, n_heads, candidates)  # [n_blocks, Hk, L], in token order
     heads = torch.arange(n_heads, device=device)[None, :, None]
     codes, _, scales = _fields(index.records[heads, first], head_dim)  # [n_blocks, Hk, L, D], [..., 4]
-    queries = by_block.permute(1, 0, 2, 3, 4).reshape(len(blocks), n_heads, widest * group, head_dim)
+    queries = by_block.permute(1, 0, 2, 3, 4).reshape(n_blocks, n_heads, widest * group, head_dim)
     best = (codes @ queries.transpose(-1, -2)).amax(dim=-1) * scales[..., 0]  # [n_blocks, Hk, L]
     keep = top_k_by_index(best, min(retrieved, candidates))
     return torch.gather(first, -1, keep).transpose(0, 1)  # [Hk, n_blocks, r], ascending: first is ascending
