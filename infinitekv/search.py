@@ -190,6 +190,7 @@ def query_bits(queries: np.ndarray) -> np.ndarray:
 
 
 _BYTE_SIGNS = 1 - 2 * ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1)  # [256, 8]: +1 bit 0, -1 bit 1
+_BYTE_SIGNS_T = np.ascontiguousarray(_BYTE_SIGNS.T, np.float64)  # [8, 256], for BLAS
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)  # [256]
 
 
@@ -197,8 +198,10 @@ def score_luts(queries: np.ndarray, mode: str) -> np.ndarray:
     """float [G, D] -> int32 [G, B, 256]: isum(sig) = sum_b LUT[g, b, sig[b]] for either mode."""
     g, d = queries.shape
     if mode == "weighted":
-        qi = quantise_queries(queries).astype(np.int64).reshape(g, d // 8, 8)
-        return (qi @ _BYTE_SIGNS.T).astype(np.int32)
+        # sums of 8 integers below 2**17 are exact in float64, and BLAS does this product ~3x faster than numpy's
+        # integer matmul (it runs once per layer and step)
+        qi = quantise_queries(queries).astype(np.float64).reshape(g, d // 8, 8)
+        return (qi @ _BYTE_SIGNS_T).astype(np.int32)
     qbits = query_bits(queries)  # [G, B]
     return -_POPCOUNT[qbits[:, :, None] ^ np.arange(256, dtype=np.uint8)].astype(np.int32)
 
