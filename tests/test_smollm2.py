@@ -141,6 +141,9 @@ def test_speed_bench_measures_the_floor_and_both_caches_side_by_side(smollm2):
     assert floor > 0
     row = parts["outputs"]["rows"][0]
     assert row["ikv_decode_ms"] > 0 and row["full_decode_ms"] > 0 and row["cold_tokens_per_step"] > 0
+    # the untimed warm-up went through retrieval too, before the first timed row
+    warm = parts["outputs"]["warm_up"]
+    assert warm["cold_tokens_per_step"] > 0 and metrics["warm_up_s"]["value"] == pytest.approx(warm["seconds"], abs=1e-3)
     assert metrics["decode_over_floor_at_1024"]["value"] == pytest.approx(row["ikv_decode_ms"] / floor, rel=1e-2)
     assert metrics["decode_speedup_at_1024"]["value"] == pytest.approx(
         row["full_decode_ms"] / row["ikv_decode_ms"], rel=1e-2)
