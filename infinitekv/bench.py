@@ -560,7 +560,7 @@ def warm_up(loaded: LoadedModel, config: RetrievalConfig, text_ids: list[int]) -
     two-level index) and through the full cache: the first timed row must not carry the process's one-time costs
     (numba loading its compiled kernels, first calls into torch), which the full cache, timed after the engine in
     each row, would not (measured at 762c04e: the first 4,096-token row read in 10.0 s, the same length later in the
-    same run 7.4 s). Returns its row and its seconds, what a fresh process pays once before its first read."""
+    same run 7.4 s). Returns its row, with the seconds the whole warm-up took."""
     window = config.hot_window
     small = replace(config, dense_up_to=min(config.dense_up_to, window),
                     cluster_segment=min(config.cluster_segment, window))
