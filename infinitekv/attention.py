@@ -278,7 +278,8 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     unchanged. A token one query of the block needs is then seen by its neighbours too, which is what a fact spread
     over a few consecutive tokens needs. Decode steps are blocks of one query.
     clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
-    block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two.
+    block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two. Without it,
+    and with the numba backend, the scan, the rerank and the pick are one call (`search.search_and_rerank`).
     With the model on a GPU, device_retrieval does the same on the device.
     """
     n_heads, length, group, head_dim = q_grouped.shape
@@ -290,6 +291,11 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     # two-level: the shortlist is shared between the clusters and the flat tail in proportion to the tokens each
     # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
     # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
+    starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
+    if not covered and search.resolve_backend(config.search_backend) == "numba":  # the same picks in one call
+        return search.search_and_rerank(archive.signatures(layer), archive.key_weights(layer), archive.records(layer),
+                                        block_means, q_rotated, starts, config.shortlist, retrieved,
+                                        config.search_mode)
     tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
     _, shortlist = search.search_many(
         archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
@@ -303,7 +309,6 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
         scores = search.score_ids(archive.signatures(layer), archive.key_weights(layer), block_means, probed)
         _, keep = search.top_k_rows(scores, config.shortlist - tail_k, by_index=True)
         shortlist = np.concatenate([np.take_along_axis(probed, keep, axis=-1), shortlist], axis=-1)
-    starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     # max over the query heads of the group and the queries of the block: one head's strong interest (an induction
     # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
     by_block = codec.score_shortlist(archive.records(layer), shortlist, q_rotated, starts)  # [Hk, n_blocks, L]

@@ -159,38 +159,47 @@ def _half_to_float(low, high):
     return sign * (1.0 + mantissa / 1024.0) * 2.0 ** (exponent - 15)
 
 
-@nb.njit(parallel=True, cache=True, fastmath=True)
+@nb.njit(parallel=True, cache=True)
 def _score_shortlist(records, shortlist, queries, block_starts, out):
-    n_blocks, n_heads, n_candidates = shortlist.shape
-    group, d = queries.shape[2], queries.shape[3]
-    scale_at = d + d // 2
+    n_blocks, n_heads, _ = shortlist.shape
     for task in nb.prange(n_blocks * n_heads):
         b = task // n_heads
         h = task % n_heads
-        # the candidates' key codes and scales are copied out first: a loop of plain loads keeps many of these
-        # scattered records in flight at once, where scoring each as it arrives waits on memory for every one
-        rows = np.empty((n_candidates, d + 2), np.uint8)
-        for j in range(n_candidates):
-            token = shortlist[b, h, j]
-            for e in range(d):
-                rows[j, e] = records[token, h, e]
-            rows[j, d] = records[token, h, scale_at]
-            rows[j, d + 1] = records[token, h, scale_at + 1]
-        key = np.empty(d, dtype=np.float32)
-        for j in range(n_candidates):
-            for e in range(d):
-                code = np.int32(rows[j, e])
-                key[e] = code - 256 if code >= 128 else code
-            scale = _half_to_float(np.int32(rows[j, d]), np.int32(rows[j, d + 1]))
-            best = -np.inf
-            for c in range(block_starts[b], block_starts[b + 1]):
-                for g in range(group):
-                    dot = np.float32(0.0)
-                    for e in range(d):
-                        dot += key[e] * queries[h, c, g, e]
-                    if dot > best:
-                        best = dot
-            out[h, b, j] = best * scale
+        rerank_candidates(records, shortlist[b, h], queries[h], (block_starts[b], block_starts[b + 1]), h,
+                          out[h, b])
+
+
+@nb.njit(cache=True, fastmath=True)
+def rerank_candidates(records, ids, queries, span, h, out):
+    """Kernel helper (numba): out[j] = the max over queries[c, g] for c in span of q . x for candidate ids[j] of
+    kv-head h, x its dequantised key. records [N, H, record_bytes]; ids [L]; queries [C, G, D]."""
+    n_candidates = ids.shape[0]
+    group, d = queries.shape[1], queries.shape[2]
+    scale_at = d + d // 2
+    # the candidates' key codes and scales are copied out first: a loop of plain loads keeps many of these
+    # scattered records in flight at once, where scoring each as it arrives waits on memory for every one
+    rows = np.empty((n_candidates, d + 2), np.uint8)
+    for j in range(n_candidates):
+        token = ids[j]
+        for e in range(d):
+            rows[j, e] = records[token, h, e]
+        rows[j, d] = records[token, h, scale_at]
+        rows[j, d + 1] = records[token, h, scale_at + 1]
+    key = np.empty(d, dtype=np.float32)
+    for j in range(n_candidates):
+        for e in range(d):
+            code = np.int32(rows[j, e])
+            key[e] = code - 256 if code >= 128 else code
+        scale = _half_to_float(np.int32(rows[j, d]), np.int32(rows[j, d + 1]))
+        best = -np.inf
+        for c in range(span[0], span[1]):
+            for g in range(group):
+                dot = np.float32(0.0)
+                for e in range(d):
+                    dot += key[e] * queries[c, g, e]
+                if dot > best:
+                    best = dot
+        out[j] = best * scale
 
 
 def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndarray, block_starts: np.ndarray):

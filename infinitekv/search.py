@@ -35,6 +35,9 @@ these functions, which take the index as host arrays: backend="cuda" uploads it 
 makes "auto" do so too). The engine, with the model on a GPU, keeps each layer's index on the device instead
 (`ResidentIndex`, appended as tokens spill) and scans it there. The weighted LUTs are always built here in numpy, so
 every backend sums the same ints.
+
+`search_and_rerank` is a layer's whole flat cold selection (this scan, the int8 rerank of its shortlist and the pick)
+in one numba call, the engine's path on the CPU while no segment is clustered.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
+from infinitekv.codec import rerank_candidates
 from infinitekv.threads import numba_threads_for
 
 MODES = ("weighted", "hamming")
@@ -79,8 +83,7 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
     token order, and the dense path then skips its sort)."""
     sigs, weights, queries, k_out, start = _check(signatures, weights, queries, k, mode, backend, exclude_before)
     n_queries, n_heads, _ = queries.shape
-    if backend == "auto":
-        backend = "cuda" if os.environ.get("IKV_SEARCH_BACKEND") == "cuda" and _cuda_available() else "numba"
+    backend = resolve_backend(backend)
     if k_out == 0:
         return (np.empty((n_queries, n_heads, 0), np.float32), np.empty((n_queries, n_heads, 0), np.int64))
     if backend == "numba":  # lists them by index itself when asked
@@ -97,6 +100,13 @@ def search_many(signatures, weights, queries, k: int, *, mode: str = "weighted",
     if by_index:
         scores, ids = _by_index(scores, ids)
     return scores.reshape(n_queries, n_heads, k_out), ids.reshape(n_queries, n_heads, k_out)
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend "auto" stands for here: numba, or cuda where IKV_SEARCH_BACKEND=cuda asks for it and it runs."""
+    if backend == "auto":
+        return "cuda" if os.environ.get("IKV_SEARCH_BACKEND") == "cuda" and _cuda_available() else "numba"
+    return backend
 
 
 def _by_index(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -405,60 +415,66 @@ def _order_key(bits):
 @nb.njit(parallel=True, cache=True)
 def _select_dense(scores, k, offset, out_s, out_i, by_index):
     # scores [G, n] (no -0.0, no NaN) -> the best k of each row, best first (by_index: by ascending index), ties
-    # to the lower index.
+    # to the lower index
+    if k == 0:
+        return
+    for g in nb.prange(scores.shape[0]):
+        _select_row(scores[g], k, offset, out_s[g], out_i[g], by_index)
+
+
+@nb.njit(cache=True)
+def _select_row(scores, k, offset, out_s, out_i, by_index):
+    # one row of _select_dense: scores [n] -> out_s, out_i [k].
     # A radix select: a histogram of the top bits of each score's order key finds the bucket holding the k-th
     # best; sorting that bucket alone gives the k-th key T. Then one pass keeps every key above T and the first
     # (lowest-index) keys equal to T, meeting them in index order (by_index: done); otherwise only those k are
     # sorted, packed with their index into unique uint64s.
-    n_rows, n = scores.shape
-    if k == 0:
+    n = scores.shape[0]
+    bits = scores.view(np.int32)
+    keys = np.empty(n, np.uint32)
+    counts = np.zeros(1 << SELECT_BUCKET_BITS, np.int64)
+    for i in range(n):
+        keys[i] = _order_key(bits[i])
+    for i in range(n):
+        counts[keys[i] >> np.uint32(_SELECT_SHIFT)] += 1
+    need = k  # how many of the best k are still to be found, from the top bucket down
+    bucket = len(counts) - 1
+    while counts[bucket] < need:
+        need -= counts[bucket]
+        bucket -= 1
+    in_bucket = np.empty(counts[bucket], np.uint32)
+    m = 0
+    for i in range(n):
+        if keys[i] >> np.uint32(_SELECT_SHIFT) == bucket:
+            in_bucket[m] = keys[i]
+            m += 1
+    in_bucket.sort()
+    threshold = in_bucket[m - need]
+    equal_wanted = 0  # of the best k, how many have key == threshold: those with the lowest indices win
+    for j in range(m - need, m):
+        if in_bucket[j] == threshold:
+            equal_wanted += 1
+    best = np.empty(k, np.uint64)
+    found = 0
+    for i in range(n):
+        key = keys[i]
+        if key > threshold or (key == threshold and equal_wanted > 0):
+            if key == threshold:
+                equal_wanted -= 1
+            if by_index:  # this pass already meets them in index order
+                out_i[found] = i + offset
+                out_s[found] = scores[i]
+            else:
+                best[found] = (np.uint64(key) << np.uint64(32)) | np.uint64(0xFFFFFFFF - i)
+            found += 1
+    if by_index:
         return
-    for g in nb.prange(n_rows):
-        bits = scores[g].view(np.int32)
-        keys = np.empty(n, np.uint32)
-        counts = np.zeros(1 << SELECT_BUCKET_BITS, np.int64)
-        for i in range(n):
-            keys[i] = _order_key(bits[i])
-        for i in range(n):
-            counts[keys[i] >> np.uint32(_SELECT_SHIFT)] += 1
-        need = k  # how many of the best k are still to be found, from the top bucket down
-        bucket = len(counts) - 1
-        while counts[bucket] < need:
-            need -= counts[bucket]
-            bucket -= 1
-        in_bucket = np.empty(counts[bucket], np.uint32)
-        m = 0
-        for i in range(n):
-            if keys[i] >> np.uint32(_SELECT_SHIFT) == bucket:
-                in_bucket[m] = keys[i]
-                m += 1
-        in_bucket.sort()
-        threshold = in_bucket[m - need]
-        equal_wanted = 0  # of the best k, how many have key == threshold: those with the lowest indices win
-        for j in range(m - need, m):
-            if in_bucket[j] == threshold:
-                equal_wanted += 1
-        best = np.empty(k, np.uint64)
-        found = 0
-        for i in range(n):
-            key = keys[i]
-            if key > threshold or (key == threshold and equal_wanted > 0):
-                if key == threshold:
-                    equal_wanted -= 1
-                if by_index:  # this pass already meets them in index order
-                    out_i[g, found] = i + offset
-                    out_s[g, found] = scores[g, i]
-                else:
-                    best[found] = (np.uint64(key) << np.uint64(32)) | np.uint64(0xFFFFFFFF - i)
-                found += 1
-        if by_index:
-            continue
-        best.sort()
-        for j in range(k):
-            packed = best[k - 1 - j]
-            index = np.int64(0xFFFFFFFF - (packed & np.uint64(0xFFFFFFFF)))
-            out_i[g, j] = index + offset
-            out_s[g, j] = scores[g, index]
+    best.sort()
+    for j in range(k):
+        packed = best[k - 1 - j]
+        index = np.int64(0xFFFFFFFF - (packed & np.uint64(0xFFFFFFFF)))
+        out_i[j] = index + offset
+        out_s[j] = scores[index]
 
 
 @nb.njit(cache=True)
@@ -513,6 +529,71 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
     _merge_topk(np.ascontiguousarray(cand_s.transpose(1, 0, 2)).reshape(n_rows, -1),
                 np.ascontiguousarray(cand_i.transpose(1, 0, 2)).reshape(n_rows, -1), scores, ids)
     return _by_index(scores, ids) if by_index else (scores, ids)  # the heap merge lists them best first
+
+
+# ---------------------------------------------------------------------------------------------------- fused
+
+def search_and_rerank(signatures, weights, records, block_queries, queries, block_starts, shortlist: int,
+                      keep: int, mode: str = "weighted") -> np.ndarray:
+    """One layer's flat cold selection in one call: for each block b and kv-head h, the first stage's `shortlist`
+    best tokens for block_queries[b, h] (`search_many`), reranked by their int8 keys against the block's queries
+    (`codec.score_shortlist`: the max over queries[h, c, g] for c in block b), and the `keep` best of those (ties
+    to the lower token id): ids int64 [H, n_blocks, keep'], ascending, keep' = min(keep, shortlist, N).
+
+    The same tokens as those three calls composed (tested), without a return to Python between them: a decode step
+    makes one such call per layer.
+    records [N, H, record_bytes]; block_queries [n_blocks, H, D] float32 (the first stage's, in the signatures'
+    basis); queries [H, C, G, D] float32 (the rerank's); block_starts [n_blocks + 1]."""
+    sigs, weights, block_queries, n_short, _ = _check(signatures, weights, block_queries, shortlist, mode, "numba", 0)
+    n_blocks, n_heads, _ = block_queries.shape
+    keep = min(keep, n_short)
+    out = np.empty((n_heads, n_blocks, keep), np.int64)
+    if keep == 0:
+        return out
+    use_weights = mode == "weighted"
+    if not use_weights:
+        weights = np.zeros((1, 1), np.float32)
+    elif weights.dtype == np.float16:
+        weights = weights.view(np.uint16)
+    luts = score_luts(block_queries.reshape(-1, block_queries.shape[-1]), mode).reshape(n_blocks * n_heads, -1)
+    group_work = queries.shape[1] // n_blocks * queries.shape[2] * queries.shape[3]  # rerank work per candidate
+    with numba_threads_for(n_blocks * n_heads * (len(sigs) + n_short * group_work)):
+        _search_and_rerank(sigs, weights, luts, records, np.ascontiguousarray(queries, dtype=np.float32),
+                           np.ascontiguousarray(block_starts, dtype=np.int64), (n_short, use_weights), out)
+    return out
+
+
+@nb.njit(parallel=True, cache=True)
+def _search_and_rerank(sigs, weights, luts, records, queries, block_starts, sizes, out):
+    # one task per (block, kv-head): every score of the head into a buffer, the radix select of the shortlist by
+    # index, the rerank of its records, the select of the best `keep` by index; what _score_block, _select_row,
+    # rerank_candidates and top_k_rows compute, in that order
+    n, n_heads, n_bytes = sigs.shape
+    n_short, use_weights = sizes
+    keep = out.shape[2]
+    n_words = n_bytes // 8 if n_bytes % 8 == 0 else 0
+    for task in nb.prange(out.shape[1] * n_heads):
+        b = task // n_heads
+        h = task % n_heads
+        lut = luts[task]  # row b * H + h, as search_many lays out its query rows
+        scores = np.empty(n, np.float32)
+        for i in range(n):
+            s = np.float32(_lut_sum(sigs[i, h], lut, n_words))
+            if use_weights:
+                s = _weight_as_float32(weights[i, h]) * s
+            scores[i] = s + np.float32(0.0)
+        short_s = np.empty(n_short, np.float32)
+        short_i = np.empty(n_short, np.int64)
+        _select_row(scores, n_short, 0, short_s, short_i, True)
+        rerank = np.empty(n_short, np.float32)
+        rerank_candidates(records, short_i, queries[h], (block_starts[b], block_starts[b + 1]), h, rerank)
+        for j in range(n_short):
+            rerank[j] = rerank[j] + np.float32(0.0)  # -0.0 and +0.0 must tie, as top_k_rows makes them
+        keep_s = np.empty(keep, np.float32)
+        keep_i = np.empty(keep, np.int64)
+        _select_row(rerank, keep, 0, keep_s, keep_i, True)
+        for j in range(keep):
+            out[h, b, j] = short_i[keep_i[j]]
 
 
 # ---------------------------------------------------------------------------------------------------- faiss

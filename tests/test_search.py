@@ -452,3 +452,48 @@ def test_score_ids_gives_the_weighted_scans_score_of_each_chosen_token():
         for h in range(3):
             by_id = dict(zip(ids[q, h].tolist(), scores[q, h].tolist()))
             assert got[q, h].tolist() == [by_id[i] for i in chosen[q, h].tolist()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("duplicates", [False, True])
+@pytest.mark.parametrize("n_bytes", [8, 6])
+def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_composed(mode, duplicates, n_bytes):
+    # the engine's one call per layer against the three calls it replaces, with the numpy reference as first stage:
+    # the same ids, ties included (duplicated records tie in the scan and in the rerank)
+    n, n_heads, group, d = 3000, 3, 3, 8 * n_bytes
+    rng = np.random.default_rng(n_bytes + duplicates)
+    keys = rng.standard_normal((n, n_heads, d)).astype(np.float32)
+    if duplicates:
+        keys = keys[rng.integers(0, 60, n)]
+    records = codec.encode_records(keys.reshape(-1, d), keys.reshape(-1, d)).reshape(n, n_heads, -1)
+    sigs = codec.signatures_from_records(records, d)
+    weights = codec.key_mean_abs(records, d).astype(np.float16)
+    queries = rng.standard_normal((n_heads, 7, group, d)).astype(np.float32)  # [H, C, G, D]
+    starts = np.array([0, 3, 4, 7])
+    block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
+    for shortlist, keep in ((256, 32), (40, 64), (5000, 16)):
+        got = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, shortlist, keep, mode)
+        _, short = search_many(sigs, weights, block_queries, shortlist, mode=mode, backend="numpy", by_index=True)
+        rerank = codec.score_shortlist(records, short, queries, starts)
+        _, best = S.top_k_rows(rerank, keep, by_index=True)
+        want = np.take_along_axis(short.transpose(1, 0, 2), best, axis=-1)
+        assert got.shape == want.shape == (n_heads, 3, min(keep, shortlist, n))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_search_and_rerank_runs_the_same_in_parallel(monkeypatch):
+    # many (block, head) tasks over numba's pool give what one thread gives
+    n, n_heads, d = 2000, 2, 64
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((n, n_heads, d)).astype(np.float32)
+    records = codec.encode_records(keys.reshape(-1, d), keys.reshape(-1, d)).reshape(n, n_heads, -1)
+    sigs, weights = codec.signatures_from_records(records, d), codec.key_mean_abs(records, d).astype(np.float16)
+    queries = rng.standard_normal((n_heads, 64, 2, d)).astype(np.float32)
+    starts = np.arange(0, 65, 4)
+    block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
+    monkeypatch.setattr(threads, "SERIAL_CELLS", 1 << 40)
+    serial = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, 128, 16)
+    monkeypatch.setattr(threads, "SERIAL_CELLS", 0)
+    parallel = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, 128, 16)
+    np.testing.assert_array_equal(serial, parallel)
+    assert (np.diff(serial, axis=-1) > 0).all()  # ascending, distinct

@@ -151,7 +151,7 @@ def test_speed_bench_measures_the_floor_and_both_caches_side_by_side(smollm2):
     quiet, busy = parts["outputs"]["busy_rows"][0]["quiet"], parts["outputs"]["busy_rows"][0]["busy"]
     for phase in ("prefill", "decode"):
         assert metrics[f"busy_{phase}_ratio_worsening_at_1024"]["value"] == pytest.approx(
-            quiet[f"{phase}_speedup"] / busy[f"{phase}_speedup"], rel=1e-2)
+            quiet[f"{phase}_speedup"] / busy[f"{phase}_speedup"], rel=1e-2, abs=1e-3)  # receipts round to 3 places
     assert metrics["busy_ikv_prefill_s_at_1024"]["value"] == pytest.approx(busy["ikv_prefill_s"], abs=1e-3)
 
 
