@@ -288,14 +288,14 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
     covered = clusters.covered if clusters is not None else 0
     n_cold = len(archive.signatures(layer))
-    # two-level: the shortlist is shared between the clusters and the flat tail in proportion to the tokens each
-    # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
-    # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
     if not covered and search.resolve_backend(config.search_backend) == "numba":  # the same picks in one call
         return search.search_and_rerank(archive.signatures(layer), archive.key_weights(layer), archive.records(layer),
                                         block_means, q_rotated, starts, config.shortlist, retrieved,
                                         config.search_mode)
+    # two-level: the shortlist is shared between the clusters and the flat tail in proportion to the tokens each
+    # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
+    # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
     tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
     _, shortlist = search.search_many(
         archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,

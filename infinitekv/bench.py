@@ -555,7 +555,7 @@ def bench_speed(loaded: LoadedModel, config: RetrievalConfig, lengths=(4096, 122
             "outputs": {"warm_up": warm, "rows": rows, "busy_rows": busy_rows}, "metrics": metrics}
 
 
-def warm_up(loaded: LoadedModel, config: RetrievalConfig, text_ids: list[int]) -> float:
+def warm_up(loaded: LoadedModel, config: RetrievalConfig, text_ids: list[int]) -> dict:
     """One short untimed read and a few steps through every path the timed rows take (exact, retrieval, the
     two-level index) and through the full cache: the first timed row must not carry the process's one-time costs
     (numba loading its compiled kernels, first calls into torch), which the full cache, timed after the engine in
