@@ -278,8 +278,8 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     unchanged. A token one query of the block needs is then seen by its neighbours too, which is what a fact spread
     over a few consecutive tokens needs. Decode steps are blocks of one query.
     clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
-    block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two. Without it,
-    and with the numba backend, the scan, the rerank and the pick are one call (`search.search_and_rerank`).
+    block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two. With the
+    numba backend, the scan, the rerank and the pick are one call (`search.search_and_rerank`).
     With the model on a GPU, device_retrieval does the same on the device.
     """
     n_heads, length, group, head_dim = q_grouped.shape
@@ -289,26 +289,29 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     covered = clusters.covered if clusters is not None else 0
     n_cold = len(archive.signatures(layer))
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
-    if not covered and search.resolve_backend(config.search_backend) == "numba":  # the same picks in one call
-        return search.search_and_rerank(archive.signatures(layer), archive.key_weights(layer), archive.records(layer),
-                                        block_means, q_rotated, starts, config.shortlist, retrieved,
-                                        config.search_mode)
     # two-level: the shortlist is shared between the clusters and the flat tail in proportion to the tokens each
     # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
     # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
     tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
+    clustered = None
+    if covered:
+        per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
+        # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
+        # one rare token (a planted number) in a cluster of ordinary ones still reaches the rerank
+        clustered = search.ClusterCandidates(clusters.candidates(per_head, PROBE * (config.shortlist - tail_k)),
+                                             covered, config.shortlist - tail_k)
+    if search.resolve_backend(config.search_backend) == "numba":  # the same picks in one call
+        return search.search_and_rerank(archive.signatures(layer), archive.key_weights(layer), archive.records(layer),
+                                        block_means, q_rotated, starts, tail_k, retrieved, config.search_mode,
+                                        clustered)
     _, shortlist = search.search_many(
         archive.signatures(layer), archive.key_weights(layer), block_means, tail_k,
         mode=config.search_mode, backend=config.search_backend, exclude_before=covered, by_index=True,
     )  # [n_blocks, Hk, L], in token order: equal rerank scores then go to the lower token id
-    if covered:  # the clustered tokens all come before the flat tail: joined, the shortlist stays in token order
-        per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
-        # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
-        # one rare token (a planted number) in a cluster of ordinary ones still reaches the rerank
-        probed = clusters.candidates(per_head, PROBE * (config.shortlist - tail_k))
-        scores = search.score_ids(archive.signatures(layer), archive.key_weights(layer), block_means, probed)
-        _, keep = search.top_k_rows(scores, config.shortlist - tail_k, by_index=True)
-        shortlist = np.concatenate([np.take_along_axis(probed, keep, axis=-1), shortlist], axis=-1)
+    if clustered is not None:  # clustered tokens all come before the flat tail: joined, the shortlist stays in order
+        scores = search.score_ids(archive.signatures(layer), archive.key_weights(layer), block_means, clustered.ids)
+        _, keep = search.top_k_rows(scores, clustered.keep, by_index=True)
+        shortlist = np.concatenate([np.take_along_axis(clustered.ids, keep, axis=-1), shortlist], axis=-1)
     # max over the query heads of the group and the queries of the block: one head's strong interest (an induction
     # head copying a number) must not be averaged away by its neighbours (measured: summing lost a digit at 12k)
     by_block = codec.score_shortlist(archive.records(layer), shortlist, q_rotated, starts)  # [Hk, n_blocks, L]

@@ -36,14 +36,16 @@ makes "auto" do so too). The engine, with the model on a GPU, keeps each layer's
 (`ResidentIndex`, appended as tokens spill) and scans it there. The weighted LUTs are always built here in numpy, so
 every backend sums the same ints.
 
-`search_and_rerank` is a layer's whole flat cold selection (this scan, the int8 rerank of its shortlist and the pick)
-in one numba call, the engine's path on the CPU while no segment is clustered.
+`search_and_rerank` is a layer's whole cold selection (this scan, the two-level index's candidates where it has
+some, the int8 rerank of the shortlist and the pick) in one numba call: the engine's path on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba as nb
@@ -129,8 +131,9 @@ def score_ids(signatures, weights, queries, ids) -> np.ndarray:
     sigs, weights, queries, _, _ = _check(signatures, weights, queries, 0, "weighted", "numba", 0)
     rows = queries.reshape(-1, queries.shape[-1])  # row g: query g // H for head g % H
     out = np.empty(ids.shape, np.float32)
+    per_row = (len(rows), ids.shape[-1])
     _score_ids(sigs, kernel_weights(weights, "weighted"), score_luts(rows, "weighted").reshape(len(rows), -1),
-               np.ascontiguousarray(ids, np.int64).reshape(len(rows), -1), out.reshape(len(rows), -1))
+               np.ascontiguousarray(ids, np.int64).reshape(per_row), out.reshape(per_row))
     return out
 
 
@@ -148,7 +151,7 @@ def _score_ids(sigs, weights, luts, ids, out):
 def top_k_rows(scores: np.ndarray, k: int, by_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The best k of each row of float32 scores [..., n], best first, ties to the lower index: (scores, indices).
     by_index: the same k, by ascending index."""
-    flat = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1, scores.shape[-1])
+    flat = np.ascontiguousarray(scores, dtype=np.float32).reshape(math.prod(scores.shape[:-1]), scores.shape[-1])
     flat = np.where(flat == 0, np.float32(0.0), flat)  # -0.0 and +0.0 must tie
     k = min(k, flat.shape[1])
     out_s = np.empty((flat.shape[0], k), np.float32)
@@ -540,59 +543,100 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
 
 # ---------------------------------------------------------------------------------------------------- fused
 
-def search_and_rerank(signatures, weights, records, block_queries, queries, block_starts, shortlist: int,
-                      keep: int, mode: str = "weighted") -> np.ndarray:
-    """One layer's flat cold selection in one call: for each block b and kv-head h, the first stage's `shortlist`
-    best tokens for block_queries[b, h] (`search_many`), reranked by their int8 keys against the block's queries
-    (`codec.score_shortlist`: the max over queries[h, c, g] for c in block b), and the `keep` best of those (ties
-    to the lower token id): ids int64 [H, n_blocks, keep'], ascending, keep' = min(keep, shortlist, N).
+@dataclass(frozen=True)
+class ClusterCandidates:
+    """The two-level index's share of a selection: `ids` int64 [n_blocks, H, M], each row ascending, are candidates
+    among the first `covered` tokens (the members of the row's best clusters); the `keep` best of each row by their
+    weighted signature scores (`score_ids`) join the shortlist, and only the tokens from `covered` on are scanned."""
 
-    The same tokens as those three calls composed (tested), without a return to Python between them: a decode step
+    ids: np.ndarray
+    covered: int
+    keep: int
+
+
+def search_and_rerank(signatures, weights, records, block_queries, queries, block_starts, shortlist: int,
+                      keep: int, mode: str = "weighted", clustered: ClusterCandidates | None = None) -> np.ndarray:
+    """One layer's cold selection in one call: for each block b and kv-head h, the first stage's `shortlist` best
+    tokens for block_queries[b, h] (`search_many`; with `clustered`, of the tokens from clustered.covered on, joined
+    by the clustered candidates' best), reranked by their int8 keys against the block's queries
+    (`codec.score_shortlist`: the max over queries[h, c, g] for c in block b), and the `keep` best of those (ties
+    to the lower token id): ids int64 [H, n_blocks, keep'], ascending, keep' = min(keep, the shortlist's length).
+
+    The same tokens as those calls composed (tested), without a return to Python between them: a decode step
     makes one such call per layer.
     records [N, H, record_bytes]; block_queries [n_blocks, H, D] float32 (the first stage's, in the signatures'
     basis); queries [H, C, G, D] float32 (the rerank's); block_starts [n_blocks + 1]."""
-    sigs, weights, block_queries, n_short, _ = _check(signatures, weights, block_queries, shortlist, mode, "numba", 0)
+    start = clustered.covered if clustered is not None else 0
+    # clustered candidates are scored by the weighted scan whatever the tail's mode, so they need the weights
+    sigs, weights, block_queries, n_tail, _ = _check(signatures, weights, block_queries, shortlist,
+                                                     "weighted" if clustered is not None else mode, "numba", start)
     n_blocks, n_heads, _ = block_queries.shape
-    keep = min(keep, n_short)
+    if clustered is not None:
+        probed = np.ascontiguousarray(clustered.ids, dtype=np.int64)
+        if probed.shape[:2] != (n_blocks, n_heads) or (probed.size and not 0 <= probed.min() <= probed.max() < start):
+            raise ValueError(f"clustered ids must be [{n_blocks}, {n_heads}, M] tokens below {start}")
+        n_probe = max(0, min(clustered.keep, probed.shape[2]))
+    else:
+        probed, n_probe = np.zeros((n_blocks, n_heads, 0), np.int64), 0
+    keep = min(keep, n_tail + n_probe)
     out = np.empty((n_heads, n_blocks, keep), np.int64)
     if keep == 0:
         return out
-    use_weights = mode == "weighted"
-    weights = kernel_weights(weights, mode)
-    luts = score_luts(block_queries.reshape(-1, block_queries.shape[-1]), mode).reshape(n_blocks * n_heads, -1)
+    rows = block_queries.reshape(-1, block_queries.shape[-1])  # row b * H + h, as search_many lays them out
+    luts = score_luts(rows, mode).reshape(len(rows), -1)
+    probe_luts = luts if mode == "weighted" or not n_probe else score_luts(rows, "weighted").reshape(len(rows), -1)
     group_work = queries.shape[1] // n_blocks * queries.shape[2] * queries.shape[3]  # rerank work per candidate
-    with numba_threads_for(n_blocks * n_heads * (len(sigs) + n_short * group_work)):
-        _search_and_rerank(sigs, weights, luts, records, np.ascontiguousarray(queries, dtype=np.float32),
-                           np.ascontiguousarray(block_starts, dtype=np.int64), (n_short, use_weights), out)
+    scanned = len(sigs) - start + probed.shape[2]
+    with numba_threads_for(n_blocks * n_heads * (scanned + (n_tail + n_probe) * group_work)):
+        _search_and_rerank(sigs, kernel_weights(weights, "weighted" if n_probe else mode), (luts, probe_luts), probed,
+                           records, np.ascontiguousarray(queries, dtype=np.float32),
+                           np.ascontiguousarray(block_starts, dtype=np.int64),
+                           (start, n_tail, n_probe, mode == "weighted"), out)
     return out
 
 
 @nb.njit(parallel=True, cache=True)
-def _search_and_rerank(sigs, weights, luts, records, queries, block_starts, sizes, out):
-    # one task per (block, kv-head): every score of the head into a buffer, the radix select of the shortlist by
-    # index, the rerank of its records, the select of the best `keep` by index; what _score_block, _select_row,
-    # rerank_candidates and top_k_rows compute, in that order
+def _search_and_rerank(sigs, weights, luts, probed, records, queries, block_starts, sizes, out):
+    # one task per (block, kv-head): the clustered candidates' scores and their best n_probe (by index), every
+    # score of the tail into a buffer and the radix select of its n_tail (by index), the rerank of the shortlist
+    # (the two joined: candidates below `start`, then the tail), the select of the best `keep` by index; what
+    # score_ids, _score_block, _select_row, rerank_candidates and top_k_rows compute, in that order
     n, n_heads, n_bytes = sigs.shape
-    n_short, use_weights = sizes
+    start, n_tail, n_probe, use_weights = sizes
+    scan_luts, probe_luts = luts
     keep = out.shape[2]
     n_words = _lut_words(n_bytes)
     for task in nb.prange(out.shape[1] * n_heads):
         b = task // n_heads
         h = task % n_heads
-        lut = luts[task]  # row b * H + h, as search_many lays out its query rows
-        scores = np.empty(n, np.float32)
-        # _score_block's score, written out: behind an inline="always" helper the scan measured ~1.5x slower
-        for i in range(n):
-            s = np.float32(_lut_sum(sigs[i, h], lut, n_words))
-            if use_weights:
-                s = _weight_as_float32(weights[i, h]) * s
-            scores[i] = s + np.float32(0.0)
-        short_s = np.empty(n_short, np.float32)
-        short_i = np.empty(n_short, np.int64)
-        _select_row(scores, n_short, 0, short_s, short_i, True)
-        rerank = np.empty(n_short, np.float32)
+        short_i = np.empty(n_probe + n_tail, np.int64)
+        if n_probe > 0:
+            members = probed[b, h]
+            lut = probe_luts[task]
+            probe_s = np.empty(len(members), np.float32)
+            for j in range(len(members)):  # _score_ids's score
+                i = members[j]
+                probe_s[j] = (_weight_as_float32(weights[i, h]) * np.float32(_lut_sum(sigs[i, h], lut, n_words))
+                              + np.float32(0.0))
+            best_s = np.empty(n_probe, np.float32)
+            best_j = np.empty(n_probe, np.int64)
+            _select_row(probe_s, n_probe, 0, best_s, best_j, True)
+            for j in range(n_probe):
+                short_i[j] = members[best_j[j]]
+        if n_tail > 0:
+            lut = scan_luts[task]
+            scores = np.empty(n - start, np.float32)
+            # _score_block's score, written out: behind an inline="always" helper the scan measured ~1.5x slower
+            for i in range(start, n):
+                s = np.float32(_lut_sum(sigs[i, h], lut, n_words))
+                if use_weights:
+                    s = _weight_as_float32(weights[i, h]) * s
+                scores[i - start] = s + np.float32(0.0)
+            tail_s = np.empty(n_tail, np.float32)
+            _select_row(scores, n_tail, start, tail_s, short_i[n_probe:], True)
+        rerank = np.empty(n_probe + n_tail, np.float32)
         rerank_candidates(records, short_i, queries[h], (block_starts[b], block_starts[b + 1]), h, rerank)
-        for j in range(n_short):
+        for j in range(len(rerank)):
             rerank[j] = rerank[j] + np.float32(0.0)  # -0.0 and +0.0 must tie, as top_k_rows makes them
         keep_s = np.empty(keep, np.float32)
         keep_i = np.empty(keep, np.int64)

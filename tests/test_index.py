@@ -106,6 +106,25 @@ def test_with_a_budget_covering_every_token_the_two_level_selection_is_the_flat_
     np.testing.assert_array_equal(_selection(archive, index, queries, shortlist=900), flat)
 
 
+@pytest.mark.parametrize("mode", ["weighted", "hamming"])
+def test_the_two_level_selection_in_one_numba_call_picks_what_the_composed_calls_pick(mode):
+    # the engine's CPU path (search.search_and_rerank with the clusters' candidates) against the same step composed
+    # from the numpy scan, score_ids, the rerank and the selects (what the other backends run)
+    rng = np.random.default_rng(8)
+    archive = ram_archive(keys_around_centres(1500, rng))
+    index = two_level.ClusterIndex(segment=512, cluster_tokens=32)
+    index.sync(archive, 0)
+    assert index.covered == 1024
+    queries = rng.standard_normal((N_HEADS, 7, 2, HEAD_DIM)).astype(np.float32)
+    blocks = select_blocks(7, 2)
+    picks = {}
+    for backend in ("numba", "numpy"):
+        config = RetrievalConfig(shortlist=200, select_block=2, search_backend=backend, search_mode=mode)
+        picks[backend] = select_cold_blocks(archive, 0, queries, blocks, config, 16, index)
+    assert picks["numba"].shape == (N_HEADS, len(blocks), 16)
+    np.testing.assert_array_equal(picks["numba"], picks["numpy"])
+
+
 def test_the_token_a_query_matches_best_is_found_through_its_cluster():
     """Two-level recall where it matters: a key planted far from every other key, matched exactly by the query, is
     retrieved although the clusters hold 30x more tokens than the shortlist takes."""

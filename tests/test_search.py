@@ -481,6 +481,50 @@ def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_co
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_search_and_rerank_with_clusters_picks_what_the_composed_two_level_selection_picks(mode, duplicates):
+    # the two-level step (the best clustered candidates by weighted signature score, joined with the tail's scan,
+    # reranked, picked) in one call against the calls the engine composed for it, ties included
+    n, n_heads, group, d = 3000, 3, 3, 64
+    rng = np.random.default_rng(40 + duplicates)
+    keys = rng.standard_normal((n, n_heads, d)).astype(np.float32)
+    if duplicates:
+        keys = keys[rng.integers(0, 60, n)]
+    records = codec.encode_records(keys.reshape(-1, d), keys.reshape(-1, d)).reshape(n, n_heads, -1)
+    sigs = codec.signatures_from_records(records, d)
+    weights = codec.key_mean_abs(records, d).astype(np.float16)
+    queries = rng.standard_normal((n_heads, 7, group, d)).astype(np.float32)  # [H, C, G, D]
+    starts = np.array([0, 3, 4, 7])
+    block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
+    for covered, n_members, tail_k, cluster_k, keep in ((1800, 300, 120, 100, 32), (2048, 40, 900, 64, 64),
+                                                         (3000, 500, 0, 200, 16), (1000, 0, 50, 30, 8)):
+        members = np.stack([np.sort(rng.choice(covered, n_members, replace=False)) for _ in range(3 * n_heads)])
+        members = members.reshape(3, n_heads, n_members)
+        got = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, tail_k, keep, mode,
+                                  S.ClusterCandidates(members, covered, cluster_k))
+        _, tail = search_many(sigs, weights, block_queries, tail_k, mode=mode, backend="numpy", by_index=True,
+                              exclude_before=covered)
+        _, best_members = S.top_k_rows(score_ids(sigs, weights, block_queries, members), cluster_k, by_index=True)
+        short = np.concatenate([np.take_along_axis(members, best_members, axis=-1), tail], axis=-1)
+        _, best = S.top_k_rows(codec.score_shortlist(records, short, queries, starts), keep, by_index=True)
+        want = np.take_along_axis(short.transpose(1, 0, 2), best, axis=-1)
+        assert got.shape == want.shape == (n_heads, 3, min(keep, short.shape[-1]))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_search_and_rerank_refuses_clustered_ids_past_the_clustered_tokens():
+    rng = np.random.default_rng(5)
+    sigs = rng.integers(0, 256, (100, 1, 8), dtype=np.uint8)
+    weights = rng.random((100, 1)).astype(np.float16)
+    records = np.zeros((100, 1, 104), np.uint8)
+    queries = rng.standard_normal((1, 1, 1, 64)).astype(np.float32)
+    block_queries = queries.sum(axis=2).mean(axis=1)[None]
+    with pytest.raises(ValueError, match="below 50"):
+        S.search_and_rerank(sigs, weights, records, block_queries, queries, np.array([0, 1]), 8, 4,
+                            clustered=S.ClusterCandidates(np.array([[[3, 60]]]), 50, 2))
+
+
 def test_search_and_rerank_runs_the_same_in_parallel(monkeypatch):
     # many (block, head) tasks over numba's pool give what one thread gives
     n, n_heads, d = 2000, 2, 64
