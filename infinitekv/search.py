@@ -351,22 +351,41 @@ def _score_block(sigs, words, weights, luts, qwords, kind, use_weights, lo, hi, 
     # kind 0: LUT (either mode), 1: popcount on uint64 words (hamming). One row at a time over the block (the head
     # and its LUT stay in registers and L1 for the whole pass; the caller keeps blocks small enough that the block's
     # rows are still in L2 when the next head reads them).
-    n_heads, n_words = sigs.shape[1], _lut_words(sigs.shape[2])
+    n_heads = sigs.shape[1]
     for g in range(out.shape[0]):
         h = g % n_heads
-        lut = luts[g]
         row = out[g]
-        for i in range(lo, hi):
-            if kind == 1:
+        if kind == 1:
+            for i in range(lo, hi):
                 acc = np.int32(0)
                 for j in range(words.shape[2]):
                     acc -= np.int32(_popcount64(words[i, h, j] ^ qwords[g, j]))
-            else:
-                acc = _lut_sum(sigs[i, h], lut, n_words)
-            s = np.float32(acc)
-            if use_weights:
-                s = _weight_as_float32(weights[i, h]) * s
-            row[i - lo] = s + np.float32(0.0)  # -0.0 + 0.0 = +0.0: equal scores get equal bits
+                row[i - lo] = np.float32(acc) + np.float32(0.0)
+        else:
+            _lut_scores(sigs, weights, luts[g], h, use_weights, lo, hi, row)
+
+
+@nb.njit(inline="always")
+def _lut_scores(sigs, weights, lut, h, use_weights, lo, hi, out):
+    # out[i - lo] = the score of token i of head h against one LUT, for i in [lo, hi). The signature's word count
+    # is a constant where it is 1 or 2 (head_dim 64 or 128), so _lut_sum's loop unrolls: 1.25x faster on 1M x 3
+    # heads than with the count known only at run time
+    n_words = _lut_words(sigs.shape[2])
+    if n_words == 1:
+        _lut_scores_of(sigs, weights, lut, h, use_weights, lo, hi, out, 1)
+    elif n_words == 2:
+        _lut_scores_of(sigs, weights, lut, h, use_weights, lo, hi, out, 2)
+    else:
+        _lut_scores_of(sigs, weights, lut, h, use_weights, lo, hi, out, n_words)
+
+
+@nb.njit(inline="always")
+def _lut_scores_of(sigs, weights, lut, h, use_weights, lo, hi, out, n_words):
+    for i in range(lo, hi):
+        s = np.float32(_lut_sum(sigs[i, h], lut, n_words))
+        if use_weights:
+            s = _weight_as_float32(weights[i, h]) * s
+        out[i - lo] = s + np.float32(0.0)  # -0.0 + 0.0 = +0.0: equal scores get equal bits
 
 
 @nb.njit(cache=True)
@@ -624,14 +643,8 @@ def _search_and_rerank(sigs, weights, luts, probed, records, queries, block_star
             for j in range(n_probe):
                 short_i[j] = members[best_j[j]]
         if n_tail > 0:
-            lut = scan_luts[task]
             scores = np.empty(n - start, np.float32)
-            # _score_block's score, written out: behind an inline="always" helper the scan measured ~1.5x slower
-            for i in range(start, n):
-                s = np.float32(_lut_sum(sigs[i, h], lut, n_words))
-                if use_weights:
-                    s = _weight_as_float32(weights[i, h]) * s
-                scores[i - start] = s + np.float32(0.0)
+            _lut_scores(sigs, weights, scan_luts[task], h, use_weights, start, n, scores)
             tail_s = np.empty(n_tail, np.float32)
             _select_row(scores, n_tail, start, tail_s, short_i[n_probe:], True)
         rerank = np.empty(n_probe + n_tail, np.float32)

@@ -41,7 +41,7 @@ def assert_rows_best_first(scores, ids):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("duplicates", [False, True], ids=["random", "many_ties"])
-@pytest.mark.parametrize("n_bytes", [8, 5, 16])
+@pytest.mark.parametrize("n_bytes", [8, 5, 16, 24])
 def test_numba_equals_numpy_reference_including_ties(mode, duplicates, n_bytes):
     sigs, weights, queries = random_archive(3000, n_bytes=n_bytes, duplicates=duplicates)
     want = search(sigs, weights, queries, 100, mode=mode, backend="numpy")
@@ -456,7 +456,7 @@ def test_score_ids_gives_the_weighted_scans_score_of_each_chosen_token():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("duplicates", [False, True])
-@pytest.mark.parametrize("n_bytes", [8, 6])
+@pytest.mark.parametrize("n_bytes", [8, 6, 16])
 def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_composed(mode, duplicates, n_bytes):
     # the engine's one call per layer against the three calls it replaces, with the numpy reference as first stage:
     # the same ids, ties included (duplicated records tie in the scan and in the rerank)
