@@ -37,7 +37,8 @@ makes "auto" do so too). The engine, with the model on a GPU, keeps each layer's
 every backend sums the same ints.
 
 `search_and_rerank` is a layer's whole cold selection (this scan, the two-level index's candidates where it has
-some, the int8 rerank of the shortlist and the pick) in one numba call: the engine's path on the CPU.
+some, the int8 rerank of the shortlist and the pick) in one numba call for a decode step, the engine's path on the
+CPU; for prefill blocks of many queries the rerank between is a batched matmul (codec.score_shortlist).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
+from infinitekv import codec
 from infinitekv.codec import rerank_candidates
 from infinitekv.threads import numba_threads_for
 
@@ -581,8 +583,9 @@ def search_and_rerank(signatures, weights, records, block_queries, queries, bloc
     (`codec.score_shortlist`: the max over queries[h, c, g] for c in block b), and the `keep` best of those (ties
     to the lower token id): ids int64 [H, n_blocks, keep'], ascending, keep' = min(keep, the shortlist's length).
 
-    The same tokens as those calls composed (tested), without a return to Python between them: a decode step
-    makes one such call per layer.
+    The same tokens as those calls composed (tested). A decode step makes one numba call per layer, with no return
+    to Python between the steps; blocks of many queries (prefill) get their shortlists from one numba call and the
+    rerank from codec.score_shortlist's matmul.
     records [N, H, record_bytes]; block_queries [n_blocks, H, D] float32 (the first stage's, in the signatures'
     basis); queries [H, C, G, D] float32 (the rerank's); block_starts [n_blocks + 1]."""
     start = clustered.covered if clustered is not None else 0
@@ -604,50 +607,34 @@ def search_and_rerank(signatures, weights, records, block_queries, queries, bloc
     rows = block_queries.reshape(-1, block_queries.shape[-1])  # row b * H + h, as search_many lays them out
     luts = score_luts(rows, mode).reshape(len(rows), -1)
     probe_luts = luts if mode == "weighted" or not n_probe else score_luts(rows, "weighted").reshape(len(rows), -1)
+    kernel_args = (sigs, kernel_weights(weights, "weighted" if n_probe else mode), (luts, probe_luts), probed)
+    sizes = (start, n_tail, n_probe, mode == "weighted")
+    block_starts = np.ascontiguousarray(block_starts, dtype=np.int64)
+    scanned = n_blocks * n_heads * (len(sigs) - start + probed.shape[2])
+    if np.diff(block_starts).max() * queries.shape[2] >= codec.WIDE_RERANK:  # many queries: the rerank's matmul
+        shortlist = np.empty((n_blocks, n_heads, n_tail + n_probe), np.int64)
+        with numba_threads_for(scanned):
+            _shortlists(*kernel_args, sizes, shortlist)
+        _, best = top_k_rows(codec.score_shortlist(records, shortlist, queries, block_starts), keep, by_index=True)
+        return np.take_along_axis(shortlist.transpose(1, 0, 2), best, axis=-1)
     group_work = queries.shape[1] // n_blocks * queries.shape[2] * queries.shape[3]  # rerank work per candidate
-    scanned = len(sigs) - start + probed.shape[2]
-    with numba_threads_for(n_blocks * n_heads * (scanned + (n_tail + n_probe) * group_work)):
-        _search_and_rerank(sigs, kernel_weights(weights, "weighted" if n_probe else mode), (luts, probe_luts), probed,
-                           records, np.ascontiguousarray(queries, dtype=np.float32),
-                           np.ascontiguousarray(block_starts, dtype=np.int64),
-                           (start, n_tail, n_probe, mode == "weighted"), out)
+    with numba_threads_for(scanned + n_blocks * n_heads * (n_tail + n_probe) * group_work):
+        _search_and_rerank(*kernel_args, records, np.ascontiguousarray(queries, dtype=np.float32), block_starts,
+                           sizes, out)
     return out
 
 
 @nb.njit(parallel=True, cache=True)
 def _search_and_rerank(sigs, weights, luts, probed, records, queries, block_starts, sizes, out):
-    # one task per (block, kv-head): the clustered candidates' scores and their best n_probe (by index), every
-    # score of the tail into a buffer and the radix select of its n_tail (by index), the rerank of the shortlist
-    # (the two joined: candidates below `start`, then the tail), the select of the best `keep` by index; what
-    # score_ids, _score_block, _select_row, rerank_candidates and top_k_rows compute, in that order
-    n, n_heads, n_bytes = sigs.shape
-    start, n_tail, n_probe, use_weights = sizes
-    scan_luts, probe_luts = luts
+    # one task per (block, kv-head): its shortlist (_shortlist_of), the rerank of its records, the select of the
+    # best `keep` by index; what _shortlist_of, rerank_candidates and top_k_rows compute, in that order
     keep = out.shape[2]
-    n_words = _lut_words(n_bytes)
+    n_heads = sigs.shape[1]
     for task in nb.prange(out.shape[1] * n_heads):
         b = task // n_heads
         h = task % n_heads
-        short_i = np.empty(n_probe + n_tail, np.int64)
-        if n_probe > 0:
-            members = probed[b, h]
-            lut = probe_luts[task]
-            probe_s = np.empty(len(members), np.float32)
-            for j in range(len(members)):  # _score_ids's score
-                i = members[j]
-                probe_s[j] = (_weight_as_float32(weights[i, h]) * np.float32(_lut_sum(sigs[i, h], lut, n_words))
-                              + np.float32(0.0))
-            best_s = np.empty(n_probe, np.float32)
-            best_j = np.empty(n_probe, np.int64)
-            _select_row(probe_s, n_probe, 0, best_s, best_j, True)
-            for j in range(n_probe):
-                short_i[j] = members[best_j[j]]
-        if n_tail > 0:
-            scores = np.empty(n - start, np.float32)
-            _lut_scores(sigs, weights, scan_luts[task], h, use_weights, start, n, scores)
-            tail_s = np.empty(n_tail, np.float32)
-            _select_row(scores, n_tail, start, tail_s, short_i[n_probe:], True)
-        rerank = np.empty(n_probe + n_tail, np.float32)
+        short_i = _shortlist_of(sigs, weights, luts, probed, sizes, b, h)
+        rerank = np.empty(len(short_i), np.float32)
         rerank_candidates(records, short_i, queries[h], (block_starts[b], block_starts[b + 1]), h, rerank)
         for j in range(len(rerank)):
             rerank[j] = rerank[j] + np.float32(0.0)  # -0.0 and +0.0 must tie, as top_k_rows makes them
@@ -656,6 +643,46 @@ def _search_and_rerank(sigs, weights, luts, probed, records, queries, block_star
         _select_row(rerank, keep, 0, keep_s, keep_i, True)
         for j in range(keep):
             out[h, b, j] = short_i[keep_i[j]]
+
+
+@nb.njit(parallel=True, cache=True)
+def _shortlists(sigs, weights, luts, probed, sizes, out):
+    # out [n_blocks, H, L]: every (block, kv-head)'s shortlist, for a rerank done outside numba
+    n_heads = sigs.shape[1]
+    for task in nb.prange(out.shape[0] * n_heads):
+        out[task // n_heads, task % n_heads] = _shortlist_of(sigs, weights, luts, probed, sizes, task // n_heads,
+                                                             task % n_heads)
+
+
+@nb.njit(inline="always")
+def _shortlist_of(sigs, weights, luts, probed, sizes, b, h):
+    # block b, kv-head h: the clustered candidates' best n_probe by their weighted score (as score_ids and
+    # top_k_rows pick them), then the tail's best n_tail (as the scan picks them), each by ascending id
+    n, n_heads, n_bytes = sigs.shape
+    start, n_tail, n_probe, use_weights = sizes
+    scan_luts, probe_luts = luts
+    task = b * n_heads + h  # the LUT row of (b, h), as search_many lays out its query rows
+    short_i = np.empty(n_probe + n_tail, np.int64)
+    if n_probe > 0:
+        members = probed[b, h]
+        lut = probe_luts[task]
+        n_words = _lut_words(n_bytes)
+        probe_s = np.empty(len(members), np.float32)
+        for j in range(len(members)):  # _score_ids's score
+            i = members[j]
+            probe_s[j] = (_weight_as_float32(weights[i, h]) * np.float32(_lut_sum(sigs[i, h], lut, n_words))
+                          + np.float32(0.0))
+        best_s = np.empty(n_probe, np.float32)
+        best_j = np.empty(n_probe, np.int64)
+        _select_row(probe_s, n_probe, 0, best_s, best_j, True)
+        for j in range(n_probe):
+            short_i[j] = members[best_j[j]]
+    if n_tail > 0:
+        scores = np.empty(n - start, np.float32)
+        _lut_scores(sigs, weights, scan_luts[task], h, use_weights, start, n, scores)
+        tail_s = np.empty(n_tail, np.float32)
+        _select_row(scores, n_tail, start, tail_s, short_i[n_probe:], True)
+    return short_i
 
 
 # ---------------------------------------------------------------------------------------------------- faiss

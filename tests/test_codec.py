@@ -61,15 +61,19 @@ def test_rotation_is_orthogonal_and_fixed_by_its_seed():
     assert not np.allclose(rotation, codec.rotation_matrix(64, 1))
 
 
-def test_rerank_scores_each_block_against_its_shortlist_maxed_over_its_queries_and_heads():
+@pytest.mark.parametrize("block_starts", [[0, 4, 10], [0, 1, 40]], ids=["few_queries", "many_queries"])
+def test_rerank_scores_each_block_against_its_shortlist_maxed_over_its_queries_and_heads(block_starts):
+    # few queries per block: numba's dot per pair; many (a prefill block's): a matmul, the one-query block padded (a
+    # pad that changed its max, e.g. zeros against all-negative dots, would show here)
     keys, values = sample(3000)
     records = codec.encode_records(keys, values).reshape(1000, 3, 104)
     rng = np.random.default_rng(1)
     shortlist = rng.integers(0, 1000, (2, 3, 50))
-    queries = rng.standard_normal((3, 10, 2, 64)).astype(np.float32)  # [H, C, G, D]
-    got = codec.score_shortlist(records, shortlist, queries, np.array([0, 4, 10]))
+    queries = rng.standard_normal((3, block_starts[-1], 2, 64)).astype(np.float32)  # [H, C, G, D]
+    assert (max(np.diff(block_starts)) * 2 >= codec.WIDE_RERANK) == (block_starts[-1] == 40)
+    got = codec.score_shortlist(records, shortlist, queries, np.array(block_starts))
     dequantised = codec.decode_keys_rotated(records, 64)
-    blocks = [(0, 4), (4, 10)]
+    blocks = list(zip(block_starts[:-1], block_starts[1:]))
     want = np.stack([np.stack([(queries[h, a:b].reshape(-1, 64) @ dequantised[shortlist[n, h], h].T).max(axis=0)
                                for n, (a, b) in enumerate(blocks)]) for h in range(3)])
     assert got.shape == (3, 2, 50)

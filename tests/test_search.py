@@ -457,7 +457,9 @@ def test_score_ids_gives_the_weighted_scans_score_of_each_chosen_token():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("duplicates", [False, True])
 @pytest.mark.parametrize("n_bytes", [8, 6, 16])
-def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_composed(mode, duplicates, n_bytes):
+@pytest.mark.parametrize("starts", [[0, 3, 4, 7], [0, 6, 7]], ids=["decode_like", "prefill_like"])
+def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_composed(mode, duplicates, n_bytes,
+                                                                                        starts):
     # the engine's one call per layer against the three calls it replaces, with the numpy reference as first stage:
     # the same ids, ties included (duplicated records tie in the scan and in the rerank)
     n, n_heads, group, d = 3000, 3, 3, 8 * n_bytes
@@ -469,7 +471,7 @@ def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_co
     sigs = codec.signatures_from_records(records, d)
     weights = codec.key_mean_abs(records, d).astype(np.float16)
     queries = rng.standard_normal((n_heads, 7, group, d)).astype(np.float32)  # [H, C, G, D]
-    starts = np.array([0, 3, 4, 7])
+    starts = np.array(starts)  # 6 queries x 3 heads: the rerank's matmul (codec.WIDE_RERANK)
     block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
     for shortlist, keep in ((256, 32), (40, 64), (5000, 16)):
         got = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, shortlist, keep, mode)
@@ -477,13 +479,14 @@ def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_co
         rerank = codec.score_shortlist(records, short, queries, starts)
         _, best = S.top_k_rows(rerank, keep, by_index=True)
         want = np.take_along_axis(short.transpose(1, 0, 2), best, axis=-1)
-        assert got.shape == want.shape == (n_heads, 3, min(keep, shortlist, n))
+        assert got.shape == want.shape == (n_heads, len(starts) - 1, min(keep, shortlist, n))
         np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("duplicates", [False, True])
-def test_search_and_rerank_with_clusters_picks_what_the_composed_two_level_selection_picks(mode, duplicates):
+@pytest.mark.parametrize("starts", [[0, 3, 4, 7], [0, 6, 7]], ids=["decode_like", "prefill_like"])
+def test_search_and_rerank_with_clusters_picks_what_the_composed_two_level_selection_picks(mode, duplicates, starts):
     # the two-level step (the best clustered candidates by weighted signature score, joined with the tail's scan,
     # reranked, picked) in one call against the calls the engine composed for it, ties included
     n, n_heads, group, d = 3000, 3, 3, 64
@@ -495,12 +498,13 @@ def test_search_and_rerank_with_clusters_picks_what_the_composed_two_level_selec
     sigs = codec.signatures_from_records(records, d)
     weights = codec.key_mean_abs(records, d).astype(np.float16)
     queries = rng.standard_normal((n_heads, 7, group, d)).astype(np.float32)  # [H, C, G, D]
-    starts = np.array([0, 3, 4, 7])
+    starts = np.array(starts)  # 6 queries x 3 heads: the rerank's matmul (codec.WIDE_RERANK)
     block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
     for covered, n_members, tail_k, cluster_k, keep in ((1800, 300, 120, 100, 32), (2048, 40, 900, 64, 64),
                                                          (3000, 500, 0, 200, 16), (1000, 0, 50, 30, 8)):
-        members = np.stack([np.sort(rng.choice(covered, n_members, replace=False)) for _ in range(3 * n_heads)])
-        members = members.reshape(3, n_heads, n_members)
+        members = np.stack([np.sort(rng.choice(covered, n_members, replace=False))
+                            for _ in range((len(starts) - 1) * n_heads)])
+        members = members.reshape(len(starts) - 1, n_heads, n_members)
         got = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, tail_k, keep, mode,
                                   S.ClusterCandidates(members, covered, cluster_k))
         _, tail = search_many(sigs, weights, block_queries, tail_k, mode=mode, backend="numpy", by_index=True,
@@ -509,7 +513,7 @@ def test_search_and_rerank_with_clusters_picks_what_the_composed_two_level_selec
         short = np.concatenate([np.take_along_axis(members, best_members, axis=-1), tail], axis=-1)
         _, best = S.top_k_rows(codec.score_shortlist(records, short, queries, starts), keep, by_index=True)
         want = np.take_along_axis(short.transpose(1, 0, 2), best, axis=-1)
-        assert got.shape == want.shape == (n_heads, 3, min(keep, short.shape[-1]))
+        assert got.shape == want.shape == (n_heads, len(starts) - 1, min(keep, short.shape[-1]))
         np.testing.assert_array_equal(got, want)
 
 
