@@ -454,6 +454,21 @@ def test_score_ids_gives_the_weighted_scans_score_of_each_chosen_token():
             assert got[q, h].tolist() == [by_id[i] for i in chosen[q, h].tolist()]
 
 
+def _selection_case(rng, d, duplicates, starts, n=3000, n_heads=3, group=3):
+    # an archive's records, signatures and weights and a chunk's queries [H, C, G, D] with its blocks' first-stage
+    # queries; duplicated records tie in the scan and in the rerank. Blocks of 6 queries x 3 heads are reranked by
+    # the matmul (codec.WIDE_RERANK), blocks of 1-3 by numba's dot per pair
+    keys = rng.standard_normal((n, n_heads, d)).astype(np.float32)
+    if duplicates:
+        keys = keys[rng.integers(0, 60, n)]
+    records = codec.encode_records(keys.reshape(-1, d), keys.reshape(-1, d)).reshape(n, n_heads, -1)
+    sigs = codec.signatures_from_records(records, d)
+    weights = codec.key_mean_abs(records, d).astype(np.float16)
+    queries = rng.standard_normal((n_heads, starts[-1], group, d)).astype(np.float32)
+    block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
+    return sigs, weights, records, queries, block_queries
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("duplicates", [False, True])
 @pytest.mark.parametrize("n_bytes", [8, 6, 16])
@@ -462,17 +477,10 @@ def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_co
                                                                                         starts):
     # the engine's one call per layer against the three calls it replaces, with the numpy reference as first stage:
     # the same ids, ties included (duplicated records tie in the scan and in the rerank)
-    n, n_heads, group, d = 3000, 3, 3, 8 * n_bytes
     rng = np.random.default_rng(n_bytes + duplicates)
-    keys = rng.standard_normal((n, n_heads, d)).astype(np.float32)
-    if duplicates:
-        keys = keys[rng.integers(0, 60, n)]
-    records = codec.encode_records(keys.reshape(-1, d), keys.reshape(-1, d)).reshape(n, n_heads, -1)
-    sigs = codec.signatures_from_records(records, d)
-    weights = codec.key_mean_abs(records, d).astype(np.float16)
-    queries = rng.standard_normal((n_heads, 7, group, d)).astype(np.float32)  # [H, C, G, D]
-    starts = np.array(starts)  # 6 queries x 3 heads: the rerank's matmul (codec.WIDE_RERANK)
-    block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
+    sigs, weights, records, queries, block_queries = _selection_case(rng, 8 * n_bytes, duplicates, starts)
+    n, n_heads = records.shape[:2]
+    starts = np.array(starts)
     for shortlist, keep in ((256, 32), (40, 64), (5000, 16)):
         got = S.search_and_rerank(sigs, weights, records, block_queries, queries, starts, shortlist, keep, mode)
         _, short = search_many(sigs, weights, block_queries, shortlist, mode=mode, backend="numpy", by_index=True)
@@ -489,17 +497,10 @@ def test_search_and_rerank_picks_what_the_scan_the_rerank_and_the_select_pick_co
 def test_search_and_rerank_with_clusters_picks_what_the_composed_two_level_selection_picks(mode, duplicates, starts):
     # the two-level step (the best clustered candidates by weighted signature score, joined with the tail's scan,
     # reranked, picked) in one call against the calls the engine composed for it, ties included
-    n, n_heads, group, d = 3000, 3, 3, 64
     rng = np.random.default_rng(40 + duplicates)
-    keys = rng.standard_normal((n, n_heads, d)).astype(np.float32)
-    if duplicates:
-        keys = keys[rng.integers(0, 60, n)]
-    records = codec.encode_records(keys.reshape(-1, d), keys.reshape(-1, d)).reshape(n, n_heads, -1)
-    sigs = codec.signatures_from_records(records, d)
-    weights = codec.key_mean_abs(records, d).astype(np.float16)
-    queries = rng.standard_normal((n_heads, 7, group, d)).astype(np.float32)  # [H, C, G, D]
-    starts = np.array(starts)  # 6 queries x 3 heads: the rerank's matmul (codec.WIDE_RERANK)
-    block_queries = np.stack([queries[:, a:b].sum(axis=2).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])])
+    sigs, weights, records, queries, block_queries = _selection_case(rng, 64, duplicates, starts)
+    n_heads = records.shape[1]
+    starts = np.array(starts)
     for covered, n_members, tail_k, cluster_k, keep in ((1800, 300, 120, 100, 32), (2048, 40, 900, 64, 64),
                                                          (3000, 500, 0, 200, 16), (1000, 0, 50, 30, 8)):
         members = np.stack([np.sort(rng.choice(covered, n_members, replace=False))
