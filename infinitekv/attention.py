@@ -13,7 +13,9 @@ Read top to bottom, for one decoder layer and one chunk of C new tokens (C = 1 w
    kv-head, the first stage scans the cold tier's signatures with the block's mean query (`search.search_many`)
    for a shortlist; the shortlist is reranked with the int8 keys (max of q.(k - mu) over the block's queries and
    the query heads of their GQA group) and the block keeps the `top_k_cold` best, shared by its queries (a decode
-   step is a block of one). Queries are turned by RoPE to the typical distance of a cold key first;
+   step is a block of one). Past `cluster_segment` cold tokens the clustered ones reach the shortlist through the
+   two-level index (index.py) and only the rest are scanned. On the CPU all of it is one `search.search_and_rerank`
+   call per layer. Queries are turned by RoPE to the typical distance of a cold key first;
 4. positions: exact attention uses true positions; retrieval the compact layout (sinks 0..s-1, each query's
    retrieved tokens s..s+r-1 in their original order, then the window and the chunk), so no relative distance
    exceeds the trained window;
