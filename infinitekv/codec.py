@@ -208,6 +208,14 @@ def rerank_candidates(records, ids, queries, span, h, out):
         out[j] = best * scale
 
 
+WIDE_RERANK = 16  # from this many queries x query heads per block (a prefill block's), the rerank is a matmul
+
+
+def reranks_by_matmul(block_starts: np.ndarray, group: int) -> bool:
+    """Whether score_shortlist scores these blocks (G query heads per kv-head) by its batched matmul."""
+    return int(np.diff(block_starts).max()) * group >= WIDE_RERANK
+
+
 def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndarray, block_starts: np.ndarray):
     """Rerank scores straight from the int8 key codes, without materialising float keys.
 
@@ -219,16 +227,13 @@ def score_shortlist(records: np.ndarray, shortlist: np.ndarray, queries: np.ndar
     """
     n_heads, n_blocks = queries.shape[0], shortlist.shape[0]
     block_starts = np.asarray(block_starts, dtype=np.int64)
-    if np.diff(block_starts).max() * queries.shape[2] >= WIDE_RERANK:
+    if reranks_by_matmul(block_starts, queries.shape[2]):
         return _score_shortlist_by_matmul(records, shortlist, queries, block_starts)
     out = np.empty((n_heads, n_blocks, shortlist.shape[2]), dtype=np.float32)
     with numba_threads_for(shortlist.size * queries.shape[1] // n_blocks * queries.shape[2] * queries.shape[3]):
         _score_shortlist(records, np.ascontiguousarray(shortlist), np.ascontiguousarray(queries, dtype=np.float32),
                          np.ascontiguousarray(block_starts, dtype=np.int64), out)
     return out
-
-
-WIDE_RERANK = 16  # from this many queries x query heads per block (a prefill block's), the rerank is a matmul
 
 
 def _score_shortlist_by_matmul(records, shortlist, queries, block_starts):

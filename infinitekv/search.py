@@ -141,13 +141,18 @@ def score_ids(signatures, weights, queries, ids) -> np.ndarray:
 
 @nb.njit(cache=True)
 def _score_ids(sigs, weights, luts, ids, out):
-    n_heads, n_words = sigs.shape[1], _lut_words(sigs.shape[2])
+    n_heads = sigs.shape[1]
     for g in range(ids.shape[0]):
-        h = g % n_heads
-        for j in range(ids.shape[1]):
-            i = ids[g, j]
-            acc = _lut_sum(sigs[i, h], luts[g], n_words)
-            out[g, j] = _weight_as_float32(weights[i, h]) * np.float32(acc) + np.float32(0.0)
+        _id_scores(sigs, weights, luts[g], g % n_heads, ids[g], out[g])
+
+
+@nb.njit(inline="always")
+def _id_scores(sigs, weights, lut, h, ids, out):
+    # out[j] = the weighted scan's score of token ids[j] of head h against one LUT
+    n_words = _lut_words(sigs.shape[2])
+    for j in range(ids.shape[0]):
+        i = ids[j]
+        out[j] = _weight_as_float32(weights[i, h]) * np.float32(_lut_sum(sigs[i, h], lut, n_words)) + np.float32(0.0)
 
 
 def top_k_rows(scores: np.ndarray, k: int, by_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -611,7 +616,7 @@ def search_and_rerank(signatures, weights, records, block_queries, queries, bloc
     sizes = (start, n_tail, n_probe, mode == "weighted")
     block_starts = np.ascontiguousarray(block_starts, dtype=np.int64)
     scanned = n_blocks * n_heads * (len(sigs) - start + probed.shape[2])
-    if np.diff(block_starts).max() * queries.shape[2] >= codec.WIDE_RERANK:  # many queries: the rerank's matmul
+    if codec.reranks_by_matmul(block_starts, queries.shape[2]):  # many queries: the rerank's matmul
         shortlist = np.empty((n_blocks, n_heads, n_tail + n_probe), np.int64)
         with numba_threads_for(scanned):
             _shortlists(*kernel_args, sizes, shortlist)
@@ -658,20 +663,15 @@ def _shortlists(sigs, weights, luts, probed, sizes, out):
 def _shortlist_of(sigs, weights, luts, probed, sizes, b, h):
     # block b, kv-head h: the clustered candidates' best n_probe by their weighted score (as score_ids and
     # top_k_rows pick them), then the tail's best n_tail (as the scan picks them), each by ascending id
-    n, n_heads, n_bytes = sigs.shape
+    n, n_heads = sigs.shape[0], sigs.shape[1]
     start, n_tail, n_probe, use_weights = sizes
     scan_luts, probe_luts = luts
     task = b * n_heads + h  # the LUT row of (b, h), as search_many lays out its query rows
     short_i = np.empty(n_probe + n_tail, np.int64)
     if n_probe > 0:
         members = probed[b, h]
-        lut = probe_luts[task]
-        n_words = _lut_words(n_bytes)
         probe_s = np.empty(len(members), np.float32)
-        for j in range(len(members)):  # _score_ids's score
-            i = members[j]
-            probe_s[j] = (_weight_as_float32(weights[i, h]) * np.float32(_lut_sum(sigs[i, h], lut, n_words))
-                          + np.float32(0.0))
+        _id_scores(sigs, weights, probe_luts[task], h, members, probe_s)
         best_s = np.empty(n_probe, np.float32)
         best_j = np.empty(n_probe, np.int64)
         _select_row(probe_s, n_probe, 0, best_s, best_j, True)
