@@ -3,7 +3,9 @@
 - Bandwidth: this machine's memcpy (bytes copied per second by a numpy copy of 256 MiB, best of several), then each
   search backend's flat scan at each size: H = 3 kv-heads, B = 8 signature bytes (head_dim 64), k = 256, one query
   per head, random signatures and float16 weights as the archive holds them. GB/s counts the signature (+ weight, in
-  weighted mode) bytes read per call; every backend's result is checked equal to the numpy reference.
+  weighted mode) bytes read per call; every backend's result is checked equal to the numpy reference. "numba" is
+  what backend "auto" runs on this CPU (the weighted scan by cpu_scan's vector kernel where it runs), "numba-1t"
+  the same on one thread, "numba-scalar" numba's own loop in its place.
 - Long contexts: one decode step's cold selection per layer (first stage with a shortlist of `index_k` per kv-head,
   int8 rerank, top-64), the flat scan against the two-level ClusterIndex (index.py), on real records in a RAM
   archive, with the share of the exact top-64 (int8 keys, every token) each one selects; random keys (no structure
@@ -20,17 +22,21 @@ import time
 import numba
 import numpy as np
 
-from infinitekv import codec, receipts
+from infinitekv import codec, cpu_scan, receipts
 from infinitekv.archive import Archive, Layout
 from infinitekv.attention import RetrievalConfig, select_cold_blocks
 from infinitekv.index import CLUSTER_TOKENS, ClusterIndex
 from infinitekv.search import ResidentIndex, cuda_scan_ready, search
 
-FLAT_BACKENDS = {"weighted": ("numpy", "numba", "numba-1t"), "hamming": ("numpy", "numba", "numba-1t", "faiss")}
+FLAT_BACKENDS = {"weighted": ("numpy", "numba", "numba-1t", "numba-scalar"),
+                 "hamming": ("numpy", "numba", "numba-1t", "faiss")}
 N_HEADS, N_BYTES = 3, 8
 
 
 def _run_search(sigs, weights, queries, k, mode, backend):
+    if backend == "numba-scalar":  # the numba loop where the CPU's vector kernel would run
+        with cpu_scan.switched_off():
+            return search(sigs, weights, queries, k, mode=mode, backend="numba")
     if backend != "numba-1t":
         return search(sigs, weights, queries, k, mode=mode, backend=backend)
     threads = numba.get_num_threads()
@@ -226,7 +232,7 @@ def bench_scan(sizes=(12_000, 131_072, 1_000_000), index_sizes=(12_000, 131_072,
     if gpu:
         metrics["device_memcpy_gb_per_s"] = receipts.metric(round(device_memcpy, 2), "GB/s")
     for row in flat:
-        for backend in ("numba", "numba-1t", "faiss", "cuda-resident", "cuda-kernel"):
+        for backend in ("numba", "numba-1t", "numba-scalar", "faiss", "cuda-resident", "cuda-kernel"):
             if backend in row["ms"]:
                 name = f"{row['mode']}_{backend.replace('-', '_')}_at_{row['n']}"
                 metrics[f"{name}_ms"] = receipts.metric(round(row["ms"][backend], 3), "ms per call")
@@ -242,5 +248,5 @@ def bench_scan(sizes=(12_000, 131_072, 1_000_000), index_sizes=(12_000, 131_072,
               "queries": queries, "kv_heads": N_HEADS, "signature_bytes": N_BYTES,
               "numba_threads": numba.get_num_threads(), "cluster_segment": segment,
               "cluster_tokens": CLUSTER_TOKENS, "load_average": os.getloadavg()[0],
-              "gpu_scan": gpu}
+              "gpu_scan": gpu, "cpu_vector_kernel": cpu_scan.unavailable() or "runs"}
     return {"config": config, "outputs": {"flat": flat, "index": steps}, "metrics": metrics}

@@ -27,7 +27,8 @@ k' = min(k, N - exclude_before) (0 when exclude_before >= N); ids are rows of `s
 
 Backends: "numpy" (reference: unpacks the bits, obviously correct, slow), "numba" (one task per chunk of tokens
 that scores every query row, so each signature is read from memory once: scores of a 1024-token block per row, then a
-compare against each row's heap root, which almost every token fails; then a heap merge per row), "faiss" (hamming
+compare against each row's heap root, which almost every token fails; then a heap merge per row; the weighted scores
+and each chunk's best come from cpu_scan's AVX-512 kernel instead where it runs, the same bits), "faiss" (hamming
 only: IndexBinaryFlat per head and one range search per row, at a radius sampled to take in ~2k tokens and widened
 when short, then the index tie-break; slower than numba, so never chosen by "auto"), "cuda" (csrc/ kernel,
 JIT-compiled on first use, then one torch.topk on (score, -index) packed into int64 keys). "auto" = numba for
@@ -54,7 +55,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
-from infinitekv import codec
+from infinitekv import codec, cpu_scan
 from infinitekv.codec import rerank_candidates
 from infinitekv.threads import numba_threads_for
 
@@ -554,14 +555,20 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
     scores = np.empty((n_rows, k), np.float32)
     ids = np.empty((n_rows, k), np.int64)
     with numba_threads_for(n_rows * (n - start)):  # a short scan: waking the pool costs more than it saves
+        # the weighted scores from the CPU's vector kernel where it runs (the same bits), else numba's loop
+        vector = use_weights and cpu_scan.handles(sigs, weights)
         if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
             all_scores = np.empty((n_rows, n - start), np.float32)
-            _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, all_scores)
+            if not (vector and cpu_scan.weighted_scores(sigs, weights, luts, start, nb.get_num_threads(),
+                                                        all_scores)):
+                _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, all_scores)
             _select_dense(all_scores, k, start, scores, ids, by_index)
             return scores, ids
         cand_s = np.full((n_chunks, n_rows, k), -np.inf, np.float32)
         cand_i = np.full((n_chunks, n_rows, k), np.iinfo(np.int64).max, np.int64)
-        _chunk_topk(sigs, words, weights, luts, qwords, kind, use_weights, start, chunk, cand_s, cand_i)
+        if not (vector and cpu_scan.weighted_chunk_topk(sigs, weights, luts, start, chunk, nb.get_num_threads(),
+                                                        cand_s, cand_i)):
+            _chunk_topk(sigs, words, weights, luts, qwords, kind, use_weights, start, chunk, cand_s, cand_i)
     _merge_topk(np.ascontiguousarray(cand_s.transpose(1, 0, 2)).reshape(n_rows, -1),
                 np.ascontiguousarray(cand_i.transpose(1, 0, 2)).reshape(n_rows, -1), scores, ids)
     return _by_index(scores, ids) if by_index else (scores, ids)  # the heap merge lists them best first
