@@ -30,6 +30,7 @@ import numba as nb
 import numpy as np
 
 from infinitekv import codec
+from infinitekv.search import order_key
 
 CLUSTER_TOKENS = 128  # tokens per cluster on average: a centroid read per 128 tokens replaces 128 signature reads
 ROUNDS = 4  # Lloyd iterations per segment (recall changed by < 0.01 between 3 and 8 in the capture above)
@@ -128,7 +129,7 @@ class ClusterIndex:
         if self._joined is None:
             offsets = np.cumsum([0] + [seg.members.shape[1] for seg in self.segments[:-1]])
             self._joined = (
-                np.concatenate([seg.centroids for seg in self.segments], axis=1),
+                np.ascontiguousarray(np.concatenate([seg.centroids for seg in self.segments], axis=1).transpose(0, 2, 1)),
                 np.concatenate([seg.members for seg in self.segments], axis=1),
                 np.concatenate([seg.starts[:, :-1] + off for seg, off in zip(self.segments, offsets)]
                                + [np.full((self.segments[0].starts.shape[0], 1), self.covered)], axis=1),
@@ -144,24 +145,47 @@ class ClusterIndex:
         out = np.empty((n_queries, n_heads, budget), np.int64)
         if not budget:
             return out
-        centroids, members, starts = self._all()
-        for h in range(n_heads):
-            scores = (queries[:, h] @ centroids[h].T).max(axis=1)  # [Q, K]
-            order = np.argsort(-scores, axis=1, kind="stable")
-            _take_members(order, starts[h], members[h], out[:, h])
-        out.sort(axis=-1)
+        centroids_t, members, starts = self._all()  # centroids_t [H, D, K]
+        # every kv-head's centroids in one product (it runs per layer and decode step: a loop over heads cost more
+        # in calls than in arithmetic)
+        scores = (queries @ centroids_t).max(axis=2)  # [Q, H, G, K] -> [Q, H, K]
+        _take_best_clusters(np.ascontiguousarray(scores, np.float32), starts, members, out,
+                            2 * (budget // self.cluster_tokens) + 16)
+        out.sort(axis=-1)  # numpy's vectorised sort: 3x faster here than numba's
         return out
 
 
 @nb.njit(cache=True)
-def _take_members(order, starts, members, out):
-    # out[q] = the members of clusters order[q, 0], order[q, 1], ... until out[q] is full
-    budget = out.shape[1]
-    for q in range(order.shape[0]):
-        filled = 0
-        for c in order[q]:
-            take = min(starts[c + 1] - starts[c], budget - filled)
-            out[q, filled : filled + take] = members[starts[c] : starts[c] + take]
-            filled += take
-            if filled == budget:
-                break
+def _take_best_clusters(scores, starts, members, out, first_guess):
+    # out[q, h] = the members of head h's clusters in order of scores[q, h] (best first, equal scores to the lower
+    # cluster, as a stable argsort of -scores orders them) until it is full. Only the best few clusters are ever
+    # needed (about budget / CLUSTER_TOKENS): they are found by a partition of unique keys (score order, then
+    # cluster index) and only those sorted, a larger guess taken when they fall short (a full argsort per row was
+    # most of a decode step's two-level probe at 128k)
+    n_clusters = scores.shape[2]
+    budget = out.shape[2]
+    keys = np.empty(n_clusters, np.uint64)
+    for q in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            bits = (scores[q, h] + np.float32(0.0)).view(np.int32)  # -0.0 and +0.0 tie, as in argsort
+            for c in range(n_clusters):
+                keys[c] = (np.uint64(order_key(bits[c])) << np.uint64(32)) | np.uint64(0xFFFFFFFF - c)
+            m = min(n_clusters, first_guess)
+            while True:
+                best = np.sort(np.partition(keys, n_clusters - m)[n_clusters - m :])  # the best m, ascending
+                held = 0
+                for key in best:
+                    c = np.int64(0xFFFFFFFF - (key & np.uint64(0xFFFFFFFF)))
+                    held += starts[h, c + 1] - starts[h, c]
+                if held >= budget or m == n_clusters:
+                    break
+                m = min(n_clusters, 2 * m)
+            row = out[q, h]
+            filled = 0
+            for j in range(m - 1, -1, -1):
+                c = np.int64(0xFFFFFFFF - (best[j] & np.uint64(0xFFFFFFFF)))
+                take = min(starts[h, c + 1] - starts[h, c], budget - filled)
+                row[filled : filled + take] = members[h, starts[h, c] : starts[h, c] + take]
+                filled += take
+                if filled == budget:
+                    break

@@ -445,7 +445,7 @@ _SELECT_SHIFT = 32 - SELECT_BUCKET_BITS
 
 
 @nb.njit(inline="always")
-def _order_key(bits):
+def order_key(bits):
     # float32 bits (as int32) -> uint32 with the same order as the floats: negative floats flip every bit,
     # non-negative ones only the sign bit; branch-free so the loop over a row vectorises
     flip = (bits >> np.int32(31)) | np.int32(-(2**31))  # -1 for negatives, 0x80000000 otherwise
@@ -474,7 +474,7 @@ def _select_row(scores, k, offset, out_s, out_i, by_index):
     keys = np.empty(n, np.uint32)
     counts = np.zeros(1 << SELECT_BUCKET_BITS, np.int64)
     for i in range(n):
-        keys[i] = _order_key(bits[i])
+        keys[i] = order_key(bits[i])
     for i in range(n):
         counts[keys[i] >> np.uint32(_SELECT_SHIFT)] += 1
     need = k  # how many of the best k are still to be found, from the top bucket down

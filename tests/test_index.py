@@ -91,6 +91,37 @@ def test_candidates_are_the_best_clusters_members_best_first_cut_to_the_budget()
     assert index.candidates(queries, 10_000).shape[-1] == 512  # never more than it covers
 
 
+def test_candidates_break_equal_cluster_scores_to_the_lower_cluster_and_go_past_their_first_guess():
+    # hand-made segments: every centroid repeated (equal scores) and random cluster sizes, small ones among them,
+    # so a budget can need more clusters than budget / cluster_tokens guesses; the reference is a stable argsort per row
+    rng = np.random.default_rng(7)
+    index = two_level.ClusterIndex(segment=2048, cluster_tokens=1024)  # guesses 16 clusters; ~51 tokens each here
+    for first in (0, 2048):
+        cuts = np.stack([np.sort(rng.choice(np.arange(1, 2048), 39, replace=False)) for _ in range(N_HEADS)])
+        sizes = np.diff(cuts, axis=1, prepend=0, append=2048)  # 40 clusters per head holding the whole segment
+        base = rng.standard_normal((N_HEADS, 20, HEAD_DIM)).astype(np.float32)
+        centroids = np.concatenate([base, base], axis=1)  # cluster c and c + 20 score the same
+        members = np.stack([first + rng.permutation(2048) for _ in range(N_HEADS)])
+        starts = np.concatenate([np.zeros((N_HEADS, 1), np.int64), np.cumsum(sizes, axis=1)], axis=1)
+        for h in range(N_HEADS):
+            for c in range(40):
+                members[h, starts[h, c] : starts[h, c + 1]].sort()
+        index.segments.append(two_level.Segment(centroids, members, starts))
+    queries = rng.standard_normal((2, N_HEADS, 3, HEAD_DIM)).astype(np.float32)
+    queries[1] = 0  # every cluster scores 0: cluster order alone decides
+    for budget in (1, 200, 1500, 4096):
+        got = index.candidates(queries, budget)
+        for q in range(2):
+            for h in range(N_HEADS):
+                want = []
+                score = np.concatenate([(queries[q, h] @ seg.centroids[h].T).max(axis=0) for seg in index.segments])
+                cluster_members = [seg.members[h, seg.starts[h, c] : seg.starts[h, c + 1]]
+                                   for seg in index.segments for c in range(40)]
+                for c in np.argsort(-score, kind="stable"):
+                    want += list(cluster_members[c])
+                np.testing.assert_array_equal(got[q, h], np.sort(want[:budget]))
+
+
 def _selection(archive, clusters, queries, shortlist, retrieved=8):
     config = RetrievalConfig(shortlist=shortlist, select_block=2)
     return select_cold_blocks(archive, 0, queries, select_blocks(queries.shape[1], 2), config, retrieved, clusters)

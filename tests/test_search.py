@@ -9,11 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infinitekv import codec, search as S, threads
+from infinitekv import codec, cpu_scan, search as S, threads
 from infinitekv.search import score_ids, search, search_many
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MODES = ("weighted", "hamming")
+
+
+@pytest.fixture(params=["vector", "numba"])
+def scan_kernel(request):
+    """The weighted scores from cpu_scan's vector kernel (where it runs) or from numba's loop in its place."""
+    if request.param == "numba":
+        with cpu_scan.switched_off():
+            yield request.param
+        return
+    if cpu_scan.unavailable() is not None:
+        pytest.skip(f"the vector kernel does not run here: {cpu_scan.unavailable()}")
+    yield request.param
 
 
 def random_archive(n, n_heads=3, n_bytes=8, seed=0, duplicates=False, weight_dtype=np.float32):
@@ -51,7 +63,7 @@ def test_numba_equals_numpy_reference_including_ties(mode, duplicates, n_bytes):
 
 @pytest.mark.parametrize("duplicates", [False, True], ids=["random", "many_ties"])
 @pytest.mark.parametrize("n_bytes", [8, 5])
-def test_numba_equals_numpy_with_float16_weights_as_the_archive_holds_them(duplicates, n_bytes):
+def test_numba_equals_numpy_with_float16_weights_as_the_archive_holds_them(duplicates, n_bytes, scan_kernel):
     sigs, weights, queries = random_archive(3000, n_bytes=n_bytes, duplicates=duplicates, seed=16,
                                             weight_dtype=np.float16)
     weights[::11] = 0
