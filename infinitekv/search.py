@@ -56,7 +56,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from infinitekv import codec, cpu_scan
-from infinitekv.codec import rerank_candidates
+from infinitekv.codec import prefetch_cell, rerank_candidates
 from infinitekv.threads import numba_threads_for
 
 MODES = ("weighted", "hamming")
@@ -151,6 +151,9 @@ def _score_ids(sigs, weights, luts, ids, out):
 def _id_scores(sigs, weights, lut, h, ids, out):
     # out[j] = the weighted scan's score of token ids[j] of head h against one LUT
     n_words = _lut_words(sigs.shape[2])
+    for j in range(ids.shape[0]):  # the ids are scattered through the index (a probe's cluster members)
+        prefetch_cell(sigs, ids[j], h, sigs.shape[2])
+        prefetch_cell(weights, ids[j], h, weights.itemsize)
     for j in range(ids.shape[0]):
         i = ids[j]
         out[j] = _weight_as_float32(weights[i, h]) * np.float32(_lut_sum(sigs[i, h], lut, n_words)) + np.float32(0.0)
