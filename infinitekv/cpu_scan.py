@@ -52,19 +52,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"cpu_scan-{digest}.so"
     if not library.is_file():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        # built under a temporary name and renamed: another process never loads a half-written file
-        with tempfile.TemporaryDirectory(dir=library.parent) as work:
-            built = Path(work) / library.name
-            try:
-                result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True,
-                                        text=True, timeout=BUILD_TIMEOUT_S)
-            except (OSError, subprocess.TimeoutExpired) as err:
-                return None, f"the build failed to run ({type(err).__name__})"
-            if result.returncode != 0:
-                first = (result.stderr.strip().splitlines() or ["no message"])[0][:160]
-                return None, f"the build failed ({first})"
-            os.replace(built, library)
+        try:
+            failure = _build(compiler, library)
+        except OSError as err:  # a cache directory that cannot be written: numba's loop still runs
+            failure = f"the kernel could not be written to {library.parent} ({err.strerror or type(err).__name__})"
+        if failure:
+            return None, failure
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as err:
@@ -75,6 +68,24 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.ikv_cpu_weighted_scores.argtypes = [ptr, ptr, i64, i32, i32, ptr, i32, i64, i32, ptr]
     lib.ikv_cpu_weighted_chunk_topk.argtypes = [ptr, ptr, i64, i32, i32, ptr, i32, i64, i64, i64, i32, ptr, ptr]
     return lib, None
+
+
+def _build(compiler: str, library: Path) -> str | None:
+    """Compile SOURCE to `library`; None when built, else why not, in one line."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # built under a temporary name and renamed: another process never loads a half-written file
+    with tempfile.TemporaryDirectory(dir=library.parent) as work:
+        built = Path(work) / library.name
+        try:
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True,
+                                    text=True, timeout=BUILD_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"the build failed to run ({type(err).__name__})"
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["no message"])[0][:160]
+            return f"the build failed ({first})"
+        os.replace(built, library)
+    return None
 
 
 def unavailable() -> str | None:

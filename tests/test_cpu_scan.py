@@ -131,3 +131,23 @@ def test_a_failed_build_says_why_in_one_line(monkeypatch, tmp_path):
         assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left to load next time
     finally:
         cpu_scan._load.cache_clear()
+
+
+def test_a_cache_that_cannot_be_written_says_so_in_one_line_and_search_still_answers(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory would go\n")
+    monkeypatch.setenv("IKV_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(cpu_scan, "SOURCE", tmp_path / "cpu_scan.cpp")  # a source never built, so a build is due
+    (tmp_path / "cpu_scan.cpp").write_text("// never compiled\n")
+    monkeypatch.setattr(cpu_scan, "_compiler", lambda: "/bin/true")
+    cpu_scan._load.cache_clear()
+    try:
+        reason = cpu_scan.unavailable()
+        assert reason.startswith("the kernel could not be written to ") and "\n" not in reason
+        sigs, weights = float16_archive(2000, 3, 8, seed=13)
+        queries = np.random.default_rng(14).standard_normal((3, 64)).astype(np.float32)
+        got = S.search(sigs, weights, queries, 20)
+        want = S.search(sigs, weights, queries, 20, backend="numpy")
+        np.testing.assert_array_equal(got[1], want[1])
+    finally:
+        cpu_scan._load.cache_clear()
