@@ -558,18 +558,18 @@ def _search_numba(sigs, weights, queries, k, mode, start, chunk=None, dense=None
     scores = np.empty((n_rows, k), np.float32)
     ids = np.empty((n_rows, k), np.int64)
     with numba_threads_for(n_rows * (n - start)):  # a short scan: waking the pool costs more than it saves
-        # the weighted scores from the CPU's vector kernel where it runs (the same bits), else numba's loop
-        vector = use_weights and cpu_scan.handles(sigs, weights)
+        # the weighted scores from the CPU's vector kernel where it runs them (the same bits; it says False where
+        # it does not), else numba's loop
         if dense if dense is not None else (n - start) <= DENSE_RATIO * k:
             all_scores = np.empty((n_rows, n - start), np.float32)
-            if not (vector and cpu_scan.weighted_scores(sigs, weights, luts, start, nb.get_num_threads(),
+            if not (use_weights and cpu_scan.weighted_scores(sigs, weights, luts, start, nb.get_num_threads(),
                                                         all_scores)):
                 _dense_scores(sigs, words, weights, luts, qwords, kind, use_weights, start, all_scores)
             _select_dense(all_scores, k, start, scores, ids, by_index)
             return scores, ids
         cand_s = np.full((n_chunks, n_rows, k), -np.inf, np.float32)
         cand_i = np.full((n_chunks, n_rows, k), np.iinfo(np.int64).max, np.int64)
-        if not (vector and cpu_scan.weighted_chunk_topk(sigs, weights, luts, start, chunk, nb.get_num_threads(),
+        if not (use_weights and cpu_scan.weighted_chunk_topk(sigs, weights, luts, start, chunk, nb.get_num_threads(),
                                                         cand_s, cand_i)):
             _chunk_topk(sigs, words, weights, luts, qwords, kind, use_weights, start, chunk, cand_s, cand_i)
     _merge_topk(np.ascontiguousarray(cand_s.transpose(1, 0, 2)).reshape(n_rows, -1),

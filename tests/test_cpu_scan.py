@@ -93,61 +93,53 @@ def test_shapes_the_vector_kernel_does_not_handle_go_to_numba_with_the_same_pick
     np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))
 
 
-def test_without_a_compiler_the_reason_is_one_line_and_search_still_answers(monkeypatch):
+@pytest.fixture
+def fresh_load():
+    """cpu_scan decides again (its `_load` is cached per process), and the decision is forgotten after the test."""
+    cpu_scan._load.cache_clear()
+    yield
+    cpu_scan._load.cache_clear()
+
+
+def assert_search_answers_like_numpy(seed):
+    sigs, weights = float16_archive(2000, 3, 8, seed=seed)
+    queries = np.random.default_rng(seed + 1).standard_normal((3, 64)).astype(np.float32)
+    got = S.search(sigs, weights, queries, 20)
+    want = S.search(sigs, weights, queries, 20, backend="numpy")
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_without_a_compiler_the_reason_is_one_line_and_search_still_answers(monkeypatch, fresh_load):
     monkeypatch.setattr(cpu_scan, "_compiler", lambda: None)
-    cpu_scan._load.cache_clear()
-    try:
-        reason = cpu_scan.unavailable()
-        assert reason is not None and "\n" not in reason and "compiler" in reason
-        sigs, weights = float16_archive(2000, 3, 8, seed=10)
-        queries = np.random.default_rng(11).standard_normal((3, 64)).astype(np.float32)
-        got = S.search(sigs, weights, queries, 20)
-        want = S.search(sigs, weights, queries, 20, backend="numpy")
-        np.testing.assert_array_equal(got[1], want[1])
-    finally:
-        cpu_scan._load.cache_clear()
+    reason = cpu_scan.unavailable()
+    assert reason is not None and "\n" not in reason and "compiler" in reason
+    assert_search_answers_like_numpy(seed=10)
 
 
-def test_the_environment_can_ask_for_the_numba_kernels(monkeypatch):
+def test_the_environment_can_ask_for_the_numba_kernels(monkeypatch, fresh_load):
     monkeypatch.setenv("IKV_CPU_SCAN", "numba")
-    cpu_scan._load.cache_clear()
-    try:
-        assert "IKV_CPU_SCAN=numba" in cpu_scan.unavailable()
-    finally:
-        monkeypatch.delenv("IKV_CPU_SCAN")
-        cpu_scan._load.cache_clear()
+    assert "IKV_CPU_SCAN=numba" in cpu_scan.unavailable()
 
 
 @needs_kernel
-def test_a_failed_build_says_why_in_one_line(monkeypatch, tmp_path):
+def test_a_failed_build_says_why_in_one_line(monkeypatch, tmp_path, fresh_load):
     broken = tmp_path / "cpu_scan.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(cpu_scan, "SOURCE", broken)
     monkeypatch.setenv("IKV_CACHE_DIR", str(tmp_path / "cache"))
-    cpu_scan._load.cache_clear()
-    try:
-        reason = cpu_scan.unavailable()
-        assert reason.startswith("the build failed (") and "\n" not in reason
-        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left to load next time
-    finally:
-        cpu_scan._load.cache_clear()
+    reason = cpu_scan.unavailable()
+    assert reason.startswith("the build failed (") and "\n" not in reason
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left to load next time
 
 
-def test_a_cache_that_cannot_be_written_says_so_in_one_line_and_search_still_answers(monkeypatch, tmp_path):
+def test_a_cache_that_cannot_be_written_says_so_in_one_line_and_search_still_answers(monkeypatch, tmp_path,
+                                                                                   fresh_load):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory would go\n")
     monkeypatch.setenv("IKV_CACHE_DIR", str(blocker))
     monkeypatch.setattr(cpu_scan, "SOURCE", tmp_path / "cpu_scan.cpp")  # a source never built, so a build is due
     (tmp_path / "cpu_scan.cpp").write_text("// never compiled\n")
     monkeypatch.setattr(cpu_scan, "_compiler", lambda: "/bin/true")
-    cpu_scan._load.cache_clear()
-    try:
-        reason = cpu_scan.unavailable()
-        assert reason.startswith("the kernel could not be written to ") and "\n" not in reason
-        sigs, weights = float16_archive(2000, 3, 8, seed=13)
-        queries = np.random.default_rng(14).standard_normal((3, 64)).astype(np.float32)
-        got = S.search(sigs, weights, queries, 20)
-        want = S.search(sigs, weights, queries, 20, backend="numpy")
-        np.testing.assert_array_equal(got[1], want[1])
-    finally:
-        cpu_scan._load.cache_clear()
+    reason = cpu_scan.unavailable()
+    assert reason.startswith("the kernel could not be written to ") and "\n" not in reason
+    assert_search_answers_like_numpy(seed=13)
