@@ -20,6 +20,7 @@ import torch
 
 from infinitekv import adapters, plots, receipts
 from infinitekv.attention import RetrievalConfig
+from infinitekv.cache import cache_argument, returned_cache
 from infinitekv.corpus import english_text
 from infinitekv.engine import open_session
 from infinitekv.models import LoadedModel, weights_sha256
@@ -206,7 +207,7 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
     with enable(model, archive=str(archive_dir), config=config, fingerprint=loaded.weights_sha256) as cache:
         start = time.perf_counter()
         with torch.no_grad():
-            model(prompts[0][:, :shared], past_key_values=cache, logits_to_keep=1)
+            model(prompts[0][:, :shared], logits_to_keep=1, **{cache_argument(model): cache})
         cache.commit()
         read_seconds = time.perf_counter() - start
         for needle, ids in zip(needles, prompts):
@@ -214,7 +215,7 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
             before = len(fork.token_ids)
             start = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, past_key_values=fork, **generate)
+                out = model.generate(ids, **{cache_argument(model): fork}, **generate)
             seconds = time.perf_counter() - start
             reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             rows.append({"question": needle.question, "expected": needle.answer, "reply": reply,
@@ -223,7 +224,7 @@ def bench_fork(loaded: LoadedModel, config: RetrievalConfig, archive_dir: Path, 
         for row, ids in zip(reversed(rows), reversed(prompts)):  # again on the document's cache, newest first
             cache.crop(shared)
             with torch.no_grad():
-                out = model.generate(ids, past_key_values=cache, **generate)
+                out = model.generate(ids, **{cache_argument(model): cache}, **generate)
             row["same_reply_after_crop"] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == \
                 row["reply"]
         cold = len(cache.archive.signatures(0))
@@ -637,14 +638,15 @@ class _FullCache:
             start = time.perf_counter()
             out = model(torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
             self.prefill_s = finished(start, model)
-        self.model, self.cache, self.token = model, out.past_key_values, out.logits[0, -1].argmax()
+        self.model, self.cache, self.token = model, returned_cache(out), out.logits[0, -1].argmax()
 
     def step(self) -> float:
         with torch.no_grad():
             start = time.perf_counter()
-            out = self.model(self.token.view(1, 1), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(self.token.view(1, 1), use_cache=True, logits_to_keep=1,
+                             **{cache_argument(self.model): self.cache})
             seconds = finished(start, self.model)
-        self.cache, self.token = out.past_key_values, out.logits[0, -1].argmax()
+        self.cache, self.token = returned_cache(out), out.logits[0, -1].argmax()
         return seconds
 
 

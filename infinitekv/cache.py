@@ -25,6 +25,7 @@ of the same archive writes; that one then takes over the tail, and the first mus
 from __future__ import annotations
 
 import abc
+import inspect
 import dataclasses
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -422,9 +423,27 @@ AttentionInterface.register(ATTENTION, infinitekv_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # calls without an InfiniteKVCache get SDPA's masks
 
 
+def carried_cache(kwargs: dict):
+    """The cache a model, module or generate call carries: transformers 5.24 renamed the argument from
+    `past_key_values` to `cache` (and still takes the old name from callers, with a warning)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def returned_cache(output):
+    """The cache a model call returns, under either name (see carried_cache)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_argument(model) -> str:
+    """The name this transformers gives the cache argument of `model`'s forward (and of generate's model kwargs)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def route_attention(module, args, kwargs):
     """Forward pre-hook on an attention module: remember the cache and RoPE tables of this call."""
-    cache = kwargs.get("past_key_values")
+    cache = carried_cache(kwargs)
     if isinstance(cache, RoutedCache):
         cos, sin = kwargs["position_embeddings"]
         _routes[module] = (cache, cos, sin)
@@ -435,7 +454,7 @@ def route_attention(module, args, kwargs):
 def begin_model_forward(model, args, kwargs):
     """Forward pre-hook on the model: a call carrying a RoutedCache records its token ids and checks that its
     positions continue the cache."""
-    cache = kwargs.get("past_key_values")
+    cache = carried_cache(kwargs)
     if not isinstance(cache, RoutedCache):
         return
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -463,7 +482,7 @@ def forward_ids(cache: InfiniteKVCache, model, ids: list[int]) -> torch.Tensor:
     """Feed `ids` through the model with `cache`; the logits after the last one (float32)."""
     input_ids = torch.tensor([ids], device=cache.device)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache}).logits
     return logits[0, -1].float()
 
 

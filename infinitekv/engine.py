@@ -29,8 +29,8 @@ import torch
 from infinitekv import adapters, codec, threads
 from infinitekv.archive import Archive
 from infinitekv.attention import RetrievalConfig
-from infinitekv.cache import (ATTENTION, InfiniteKVCache, RoutedCache, begin_model_forward, chunk_bounds, forward_ids,
-                              route_attention)
+from infinitekv.cache import (ATTENTION, InfiniteKVCache, RoutedCache, begin_model_forward, cache_argument,
+                              carried_cache, chunk_bounds, forward_ids, route_attention)
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
 from infinitekv.policies import EvictingCache, Policy, check_policy
@@ -354,7 +354,7 @@ def _begin_forward(share: threads.CoreShare):
     def begin(model, args, kwargs):
         # only the engine's forwards are measured and run on the shared count; any other forward of the model (a
         # baseline's own cache beside it) runs on the user's
-        if isinstance(kwargs.get("past_key_values"), RoutedCache):
+        if isinstance(carried_cache(kwargs), RoutedCache):
             share.begin()
     return begin
 
@@ -362,7 +362,7 @@ def _begin_forward(share: threads.CoreShare):
 def _layer_tick(share: threads.CoreShare):
     def tick(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if (isinstance(kwargs.get("past_key_values"), RoutedCache) and hidden is not None
+        if (isinstance(carried_cache(kwargs), RoutedCache) and hidden is not None
                 and hidden.shape[-2] > 1):  # a prefill forward: measured layer by layer
             share.tick()
     return tick
@@ -370,7 +370,7 @@ def _layer_tick(share: threads.CoreShare):
 
 def _after_forward(share: threads.CoreShare):
     def after(model, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = carried_cache(kwargs)
         if isinstance(cache, RoutedCache) and share.end():
             cache.counters.forwards_on_fewer_threads += 1
     return after
@@ -378,8 +378,8 @@ def _after_forward(share: threads.CoreShare):
 
 def _fresh_cache_unless_given(fresh_cache: Callable[[], RoutedCache]):
     def prepare(model, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = fresh_cache()
+        if carried_cache(model_kwargs) is None and generation_config.use_cache is not False:
+            model_kwargs[cache_argument(model)] = fresh_cache()
         return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 
     return prepare

@@ -9,6 +9,7 @@ import transformers
 
 from conftest import tiny_model
 from infinitekv import RetrievalConfig, enable
+from infinitekv.cache import cache_argument
 from infinitekv.errors import IKVError
 from infinitekv.models import weights_sha256
 
@@ -41,6 +42,19 @@ def test_generate_inside_enable_gives_the_unmodified_models_greedy_tokens(family
     assert got == expected
     assert weights_sha256(model) == before
     assert model.config._attn_implementation == "sdpa"  # restored on exit
+
+
+def test_the_cache_under_either_argument_name_is_read_and_written_through_retrieval():
+    # transformers 5.24 renamed the argument from past_key_values to cache: users pass either, and the engine's own
+    # calls pass the installed version's name
+    model = tiny_model("llama")
+    ids = prompt(150, 1)
+    expected = generate(model, ids, do_sample=False)
+    for name in sorted({"past_key_values", cache_argument(model)}):
+        with enable(model, config=SPILLING, mode="ram") as cache:
+            assert generate(model, ids, do_sample=False, **{name: cache}) == expected
+            assert len(cache.archive.signatures(0)) > 50  # the registered attention ran: old tokens were archived
+            assert cache.get_seq_length() == 150 + 12 - 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
