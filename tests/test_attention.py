@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -115,32 +116,37 @@ def test_prefill_chunks_merge_only_whole_chunks_that_stay_exact():
     assert off.next_chunk(0, 300) == 32  # retrieval off never attends exactly: no long chunks
 
 
+def _sdpa_reference(queries, keys, values, window=None):
+    """Causal attention of the chunk at the end of the keys, one SDPA call with the whole mask."""
+    n_keys, length = keys.shape[1], queries.shape[1]
+    mask = (causal_lower_right(length, n_keys) if window is None
+            else sliding_mask(n_keys - length, length, n_keys, window, queries.device))
+    return F.scaled_dot_product_attention(queries[None], keys[None], values[None], attn_mask=mask, scale=0.25,
+                                          enable_gqa=True)[0]
+
+
 def _chunk_at_a_time(queries, keys, values, rows, window=None):
-    """The reference: the chunk fed `rows` queries at a time, each against the keys before and up to it."""
+    """The chunk fed `rows` queries at a time, each piece against the keys before and up to it."""
     n_keys, length = keys.shape[1], queries.shape[1]
     outs = []
     for a in range(0, length, rows):
         b = min(a + rows, length)
         visible = n_keys - length + b
-        mask = (causal_lower_right(b - a, visible) if window is None
-                else sliding_mask(visible - (b - a), b - a, visible, window, queries.device))
-        outs.append(F.scaled_dot_product_attention(queries[None, :, a:b], keys[None, :, :visible],
-                                                   values[None, :, :visible], attn_mask=mask, scale=0.25,
-                                                   enable_gqa=True)[0])
+        outs.append(exact_attention(queries[:, a:b], keys[:, :visible], values[:, :visible], 0.25, window, rows))
     return torch.cat(outs, dim=1)
 
 
-def test_a_long_exact_chunk_is_bit_identical_to_feeding_it_a_chunk_at_a_time():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_exact_chunk_is_bit_identical_to_feeding_it_a_chunk_at_a_time(dtype):
     g = torch.Generator().manual_seed(3)
-    queries = torch.randn(4, 96, 16, generator=g)
-    keys, values = torch.randn(2, 160, 16, generator=g), torch.randn(2, 160, 16, generator=g)
-    # a chunk after earlier keys, computed in row blocks
-    assert torch.equal(exact_attention(queries, keys, values, 0.25, None, 32),
-                       _chunk_at_a_time(queries, keys, values, 32))
-    # the chunk that starts the sequence: one square causal attention
+    queries = torch.randn(4, 96, 16, generator=g).to(dtype)
+    keys, values = torch.randn(2, 160, 16, generator=g).to(dtype), torch.randn(2, 160, 16, generator=g).to(dtype)
     square_k, square_v = keys[:, :96], values[:, :96]
-    assert torch.equal(exact_attention(queries, square_k, square_v, 0.25, None, 32),
-                       _chunk_at_a_time(queries, square_k, square_v, 32))
-    # a sliding-window layer
-    assert torch.equal(exact_attention(queries, keys, values, 0.25, 40, 32),
-                       _chunk_at_a_time(queries, keys, values, 32, window=40))
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for window, k, v in ((None, keys, values),  # a chunk after earlier keys
+                         (None, square_k, square_v),  # the chunk that starts the sequence
+                         (40, keys, values), (120, keys, values)):  # sliding-window layers: past and inside the window
+        got = exact_attention(queries, k, v, 0.25, window, 32)
+        assert got.dtype == dtype
+        assert torch.equal(got, _chunk_at_a_time(queries, k, v, 32, window))
+        torch.testing.assert_close(got.float(), _sdpa_reference(queries, k, v, window).float(), **tolerance)
