@@ -493,9 +493,9 @@ def exact_attention(queries, keys, values, scale: float, window: int | None, row
     On the CPU, two fused attentions merged by their log-sum-exp: the keys before the chunk (no mask, the group's
     query heads folded into one sequence per kv-head) and the chunk's own keys (causal, square): SDPA with a
     lower-right causal mask takes a slower kernel there (BENCHMARKS.md, speed). So a long chunk equals feeding it a
-    chunk at a time up to float rounding, not bit for bit. Elsewhere, and on a sliding-window layer whose chunk reaches past the window, SDPA
-    with its mask, `rows` queries at a time against the keys up to their last one (a lower-right mask over the whole
-    chunk would make the kernel read a C x S mask and score the masked corner)."""
+    chunk at a time up to float rounding, not bit for bit. Elsewhere, and on a sliding-window layer whose chunk
+    reaches past the window, SDPA with its mask, `rows` queries at a time against the keys up to their last one (a
+    lower-right mask over the whole chunk would make the kernel read a C x S mask and score the masked corner)."""
     n_q_heads, length, _ = queries.shape
     n_keys = keys.shape[1]
     if queries.device.type == "cpu" and (window is None or n_keys <= window):

@@ -25,8 +25,9 @@ of the same archive writes; that one then takes over the tail, and the first mus
 from __future__ import annotations
 
 import abc
-import inspect
 import dataclasses
+import functools
+import inspect
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
@@ -438,7 +439,12 @@ def returned_cache(output):
 
 def cache_argument(model) -> str:
     """The name this transformers gives the cache argument of `model`'s forward (and of generate's model kwargs)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_argument_of(type(model))
+
+
+@functools.cache
+def _cache_argument_of(model_class) -> str:  # once per class: forward_ids asks on every decode step
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def route_attention(module, args, kwargs):

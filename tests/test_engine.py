@@ -220,9 +220,10 @@ def test_leaving_dense_up_to_switches_to_retrieval_and_drops_archived_tokens_fro
 
 @pytest.fixture
 def fixed_threads(monkeypatch):
-    """Bit-identical floats need the same thread counts in both reads: CoreShare moves the engine's forwards to
-    fewer threads while the process waits for cores (on a busy machine, or a noisy virtual one), at different
-    layers in different reads, and matrix products split across another number of threads round differently."""
+    """Both reads on the same thread counts, so that they differ by their chunking alone: CoreShare moves the
+    engine's forwards to fewer threads while the process waits for cores (on a busy machine, or a noisy virtual
+    one), at different layers in different reads, and matrix products split across another number of threads round
+    differently."""
     monkeypatch.setattr(threads, "CoreShare", functools.partial(threads.CoreShare, wait_ns=lambda: None))
 
 
