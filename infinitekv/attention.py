@@ -69,6 +69,13 @@ class RetrievalConfig:
     # clustered by key and a query reranks the members of its best clusters (index.py), so a step's cost stops
     # growing with the context; the tokens after the last complete segment are scanned flat. 0: always flat
     cluster_segment: int = 16384
+    # where retrieved tokens sit in the compact layout: the `near_picks` best of a block's picks (by the rerank's
+    # score) right before the window, the others `far_gap` positions further back. On SmolLM2 at 32k, all 64 picks
+    # at a near distance pulled the model's answer away from a fact inside its own window, and all of them pushed
+    # back made it ignore a retrieved needle (BENCHMARKS.md, "Where the retrieved tokens sit"). None: near_picks
+    # 1/8 of top_k_cold, far_gap half the model's attention reach (less where the layout would not fit it)
+    near_picks: int | None = None
+    far_gap: int | None = None
 
     @classmethod
     def for_model(cls, model_config, **overrides) -> "RetrievalConfig":
@@ -77,8 +84,9 @@ class RetrievalConfig:
         Exact attention for as long as the model was trained to attend; past it, a hot window of 1/8 of the
         model's attention reach (at most 1,024 tokens: the per-step cost, not the context, bounds it), prefill
         chunks of half the hot window, and a cold budget of 1/16 of the hot window per query and kv-head, reranked
-        from a shortlist 16 times that. The compact layout (sinks + retrieved + window + chunk) then spans well under the
-        reach, so no query sees a key farther than the model ever did.
+        from a shortlist 16 times that; the best 1/8 of each block's picks sit next to the window and the rest half
+        the reach further back (near_picks, far_gap). The compact layout (sinks + retrieved + gap + window + chunk)
+        then spans under the reach, so no query sees a key farther than the model ever did.
         """
         config = cls(**overrides)
         if config.hot_window is None:
@@ -96,6 +104,12 @@ class RetrievalConfig:
             config.select_block = min(32, config.chunk_size)
         if config.dense_up_to is None:
             config.dense_up_to = adapters.trained_window(model_config)
+        if config.near_picks is None:
+            config.near_picks = max(1, config.top_k_cold // 8)
+        if config.far_gap is None:
+            reach = adapters.attention_reach(model_config)
+            config.far_gap = 0
+            config.far_gap = max(0, min(reach // 2, reach - config.compact_span()))
         return config
 
     def next_chunk(self, position: int, remaining: int) -> int:
@@ -116,8 +130,14 @@ class RetrievalConfig:
         return min(remaining, chunk)
 
     def compact_span(self) -> int:
-        """The largest position the compact layout uses: sinks, retrieved, window and a chunk."""
-        return self.sinks + self.top_k_cold + self.hot_window + self.evict_batch + self.chunk_size
+        """The largest position the compact layout uses: sinks, retrieved, the far gap, window and a chunk."""
+        return (self.sinks + self.top_k_cold + (self.far_gap or 0) + self.hot_window + self.evict_batch
+                + self.chunk_size)
+
+    def gap_before_near(self, retrieved: int, n_cold: int) -> int:
+        """Positions left empty between a block's far picks and its near ones (see near_picks): none when every pick
+        is near, and never so many that a token sits farther back than it truly is."""
+        return max(0, min(self.far_gap or 0, n_cold - retrieved)) if retrieved > self.near_picks else 0
 
 
 class LayerMemory:
@@ -411,11 +431,12 @@ def retrieval_attention(cold: ColdTier, layer: int, memory: LayerMemory, q, k, v
     if not dense:
         memory.drop_archived()
     retrieved = 0 if dense else min(config.top_k_cold, n_cold)
+    gap = config.gap_before_near(retrieved, n_cold)
     counters = cold.counters
     counters["cold_tokens_attended"] = counters.get("cold_tokens_attended", 0) + length * (
         n_cold if dense else retrieved)
     counters["query_tokens"] = counters.get("query_tokens", 0) + length
-    shift = n_cold - retrieved if not dense else 0  # positions skipped by the compact layout
+    shift = n_cold - retrieved - gap if not dense else 0  # positions skipped by the compact layout
     first = end - length - shift  # where the chunk starts in the layout
     window = sliding_window if dense else None
     if length == 1:
@@ -441,8 +462,11 @@ def restore_exact_window(memory: LayerMemory, archive, layer: int, n_cold: int) 
 
 
 def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retrieved: int):
-    """Each selection block's retrieved keys, RoPE'd at the compact slots s..s+r-1, and values: [Hk, n_blocks, r, D]
-    each (the queries of a block share them, so they are decoded and turned once per block, not per query)."""
+    """Each selection block's retrieved keys, RoPE'd at their compact positions, and values: [Hk, n_blocks, r, D]
+    each (the queries of a block share them, so they are decoded and turned once per block, not per query).
+
+    The picks sit in token order from position s (sinks) on; with a far gap (RetrievalConfig.near_picks), the block's
+    `near_picks` best come last, in token order too, after the gap (`near_last`)."""
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
     turned = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
@@ -457,7 +481,36 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
                                  cold.cluster_index(layer))
         keys, values = (torch.from_numpy(a) for a in decode_cold(cold.archive, layer, ids))
     device, dtype = q.device, q.dtype
-    return cold.rope.rotate(keys.to(device, dtype), s), values.to(device, dtype)
+    keys, values = keys.to(device), values.to(device, dtype)
+    gap = cold.config.gap_before_near(retrieved, len(cold.archive.signatures(layer)))
+    if not gap:
+        return cold.rope.rotate(keys.to(dtype), s), values
+    near = cold.config.near_picks
+    order = near_last(turned, keys, blocks, near)[..., None]  # [Hk, n_blocks, r, 1]
+    keys = keys.gather(2, order.expand_as(keys)).to(dtype)
+    values = values.gather(2, order.expand_as(values))
+    positions = torch.arange(s, s + retrieved, device=device)
+    positions[retrieved - near :] += gap
+    cos, sin = cold.rope.at(0, s + gap + retrieved)
+    return apply_rope(keys, cos[positions], sin[positions]), values
+
+
+def near_last(turned: torch.Tensor, keys: torch.Tensor, blocks, near: int) -> torch.Tensor:
+    """Slot order for each block's picks, its `near` best last: indices [Hk, n_blocks, r] into the picks (which are
+    in token order), the far ones first and then the near ones, each in token order.
+
+    turned: the selection queries [Hk, C, G, D] float32; keys: the picks' pre-RoPE keys [Hk, n_blocks, r, D]. A
+    pick's score is the rerank's: the max over the block's queries and query heads of q.k."""
+    n_heads, length, group, head_dim = turned.shape
+    block = blocks[0][1] - blocks[0][0]
+    n_blocks = len(blocks)
+    # a short last block is padded with repeats of its last query, which leave its max alone
+    rows = torch.clamp(torch.arange(n_blocks * block, device=turned.device), max=length - 1)
+    queries = turned[:, rows].reshape(n_heads, n_blocks, block * group, head_dim)
+    scores = (queries @ keys.float().transpose(-1, -2)).amax(dim=2)  # [Hk, n_blocks, r]
+    is_near = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device)
+    is_near.scatter_(-1, scores.topk(near, dim=-1).indices, 1)
+    return torch.argsort(is_near, dim=-1, stable=True)
 
 
 def sliding_mask(query_start: int, length: int, n_keys: int, window: int, device) -> torch.Tensor:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from infinitekv import codec
 from torch.nn.attention.bias import causal_lower_right
 
-from infinitekv.attention import (RetrievalConfig, attend_with_retrieved, attention_with_lse, exact_attention,
-                                  merge_attention, select_blocks, select_cold, sliding_mask)
+from infinitekv.attention import (ColdTier, LayerMemory, RetrievalConfig, Rope, apply_rope, attend_with_retrieved,
+                                  attention_with_lse, decode_cold, exact_attention, merge_attention, retrieve,
+                                  select_blocks, select_cold, select_cold_blocks, selection_queries, sliding_mask)
 from infinitekv.coverage import ColdRecords
 
 
@@ -44,6 +45,64 @@ def test_the_queries_of_a_block_share_the_blocks_best_cold_tokens():
 def test_a_block_of_one_query_gets_its_own_best_cold_tokens():
     ids = _two_queries_wanting_different_tokens(select_block=1)
     assert ids[0, 0, 0] == 17 and ids[0, 1, 0] == 150
+
+
+class _ColdRecordsWithMean(ColdRecords):
+    def key_mean(self, layer):
+        return np.zeros((self._records.shape[1], self.rotation.shape[0]), np.float32)
+
+
+class _RotaryEmbedding(torch.nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 100.0 ** (torch.arange(0, head_dim, 2).double() / head_dim))
+
+
+def test_a_blocks_best_picks_sit_after_the_far_gap_and_the_others_before_it_each_in_token_order():
+    """retrieve's layout against a brute-force one: per block, the near_picks best by the max over the block's
+    queries and query heads of q.k sit after the gap, the rest from the sinks on; switched off (far_gap 0), every
+    pick sits at s + its rank in token order."""
+    rng = np.random.default_rng(4)
+    hq, hk, d, n, c, r, near, gap = 4, 2, 16, 300, 5, 6, 2, 50
+    keys = rng.standard_normal((n, hk, d)).astype(np.float32)
+    records = codec.encode_records(keys.reshape(n * hk, d), rng.standard_normal((n * hk, d)).astype(np.float32))
+    archive = _ColdRecordsWithMean(records.reshape(n, hk, -1), d, np.eye(d, dtype=np.float32))
+    rope = Rope(_RotaryEmbedding(d), torch.float32, "cpu")
+    memory = LayerMemory(hk, d, "cpu", torch.float32)
+    memory.sink_k = memory.sink_v = torch.randn(hk, 3, d)
+    memory.set_window(torch.randn(hk, 7, d), torch.randn(hk, 7, d))
+    q = torch.randn(hq, c, d)
+    blocks = select_blocks(c, 2)
+    for far_gap in (gap, 0):
+        config = RetrievalConfig(shortlist=64, select_block=2, near_picks=near, far_gap=far_gap)
+        got_k, got_v = retrieve(ColdTier(archive, config, rope, {}), 0, memory, q, blocks, r)
+        turned = selection_queries(q, 7 + (r + 1) // 2, rope, hk)  # [Hk, C, G, D]
+        ids = select_cold_blocks(archive, 0, turned.numpy(), blocks, config, r)  # [Hk, n_blocks, r], ascending
+        for h in range(hk):
+            for b, (start, end) in enumerate(blocks):
+                picked_k, picked_v = (torch.from_numpy(a[h]) for a in decode_cold(archive, 0, ids[:, b]))  # [r, D]
+                scores = (turned[h, start:end].reshape(-1, d) @ picked_k.T).amax(dim=0)
+                best = set(torch.argsort(scores, descending=True)[:near].tolist()) if far_gap else set()
+                order = [i for i in range(r) if i not in best] + sorted(best)
+                positions = [3 + slot + (far_gap if slot >= r - len(best) else 0) for slot in range(r)]
+                cos, sin = rope.at(0, 3 + far_gap + r)
+                want_k = apply_rope(picked_k[order], cos[positions], sin[positions])
+                torch.testing.assert_close(got_k[h, b], want_k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got_v[h, b], picked_v[order], rtol=1e-6, atol=1e-6)
+
+
+def test_the_far_gap_is_derived_from_the_models_reach_and_fits_the_layout_in_it():
+    from transformers import LlamaConfig
+
+    model_config = LlamaConfig(max_position_embeddings=2048)
+    config = RetrievalConfig.for_model(model_config)
+    assert (config.top_k_cold, config.near_picks, config.far_gap) == (16, 2, 1024)
+    assert config.compact_span() <= 2048
+    crowded = RetrievalConfig.for_model(model_config, hot_window=1200)  # half the reach no longer fits: less gap
+    assert 0 < crowded.far_gap < 1024 and crowded.compact_span() == 2048
+    # never farther back than a token truly is, and no gap when every pick sits near
+    assert (config.gap_before_near(16, 10_000), config.gap_before_near(16, 100), config.gap_before_near(2, 10_000)) \
+        == (1024, 84, 0)
 
 
 def test_merged_softmax_equals_attention_over_each_querys_own_keys():

@@ -60,6 +60,17 @@ def test_passkey_past_trained_window_is_answered_through_plain_generate_with_a_d
 
 
 @pytest.mark.slow
+def test_a_number_inside_the_hot_window_is_answered_beside_a_cold_tier_of_30000_tokens(smollm2):
+    """At 32k tokens the best 64 of ~31,000 cold tokens, all placed next to the window, pulled this reply away from
+    a number the window held (it drifted into the documentation; retrieval off answered). With the far gap only each
+    block's best few picks sit near the window (RetrievalConfig.near_picks); far_gap=0 fails this test."""
+    needle = passkey(smollm2.tokenizer, 32768, 0.98, seed=32768 + 980)  # the passkey grid's seed for this cell
+    text, cold, total = answer(smollm2, needle, RetrievalConfig())
+    assert cold > 30000  # a large cold tier; the number (~650 tokens before the question) in the 1,024-token window
+    assert needle.answer in text, text
+
+
+@pytest.mark.slow
 def test_passkey_is_absent_without_cold_retrieval(smollm2):
     needle = passkey(smollm2.tokenizer, WALL_TOKENS, 0.5)
     text, _, _ = answer(smollm2, needle, RetrievalConfig(top_k_cold=0))
