@@ -43,6 +43,7 @@ class System:
 
 def system_at_budget(model, name: str, config: RetrievalConfig, budget: int) -> System:
     """`name` holding at most `budget` tokens per layer and kv-head; refused in one line if that cannot fit."""
+    far_gap = config.far_gap  # None: derived for the hot window this budget leaves, so the layout fits the reach
     config = RetrievalConfig.for_model(model.config, **asdict(config))
     if name not in SYSTEMS:
         raise IKVError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
@@ -54,7 +55,8 @@ def system_at_budget(model, name: str, config: RetrievalConfig, budget: int) -> 
     if hot < 1:
         raise IKVError(f"budget {budget} leaves no hot window beside {config.sinks} sinks, {config.top_k_cold} "
                        f"retrieved and an evict batch of {config.evict_batch}; raise --budget or lower --top-k-cold")
-    config = RetrievalConfig(**{**asdict(config), "hot_window": hot, "dense_up_to": 0})
+    config = RetrievalConfig.for_model(model.config, **{**asdict(config), "hot_window": hot, "dense_up_to": 0,
+                                                        "far_gap": far_gap})
     check_budget(model, config)
     return System(name, budget, config, None)
 

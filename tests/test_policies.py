@@ -224,6 +224,17 @@ def test_generate_without_a_cache_inside_a_policy_gets_a_fresh_evicting_cache_ea
         assert out.past_key_values.resident_tokens() == 20
 
 
+def test_infinitekv_at_a_large_budget_narrows_its_far_gap_to_fit_the_models_reach():
+    """The far gap (RetrievalConfig.far_gap) is derived for the hot window a budget leaves: a budget whose window
+    leaves less than half the reach gets a narrower gap, not a refusal naming settings the user never set."""
+    from infinitekv.baselines import system_at_budget
+
+    model = tiny_model("llama")  # reach 4,096: a derived gap of 2,048
+    assert system_at_budget(model, "infinitekv", RetrievalConfig(), 600).config.far_gap == 2048
+    wide = system_at_budget(model, "infinitekv", RetrievalConfig(), 2500).config
+    assert 0 < wide.far_gap < 2048 and wide.compact_span() <= 4096
+
+
 def test_bad_policy_settings_are_refused_with_one_line(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(IKVError, match="unknown policy 'lru'; choose from keep_all"):
