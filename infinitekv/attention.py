@@ -107,8 +107,7 @@ class RetrievalConfig:
         if config.near_picks is None:
             config.near_picks = max(1, config.top_k_cold // 8)
         if config.far_gap is None:
-            reach = adapters.attention_reach(model_config)
-            config.far_gap = 0
+            reach = adapters.attention_reach(model_config)  # compact_span counts an unset gap as 0
             config.far_gap = max(0, min(reach // 2, reach - config.compact_span()))
         return config
 

@@ -242,8 +242,8 @@ def check_budget(model, config: RetrievalConfig) -> None:
     if config.compact_span() > reach:
         raise IKVError(
             f"sinks + top-k-cold + far gap + hot-window + evict batch + chunk = {config.compact_span()} positions "
-            f"exceeds the model's trained window of {reach} (its sliding window where that is narrower); lower --hot-window, "
-            "--top-k-cold or --chunk-size"
+            f"exceeds the model's trained window of {reach} (its sliding window where that is narrower); lower "
+            "--hot-window, --top-k-cold or --chunk-size"
         )
     for name in ("sinks", "hot_window", "top_k_cold", "chunk_size", "shortlist", "select_block", "evict_batch"):
         if getattr(config, name) < (0 if name in ("sinks", "top_k_cold") else 1):
