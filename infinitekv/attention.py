@@ -14,8 +14,9 @@ Read top to bottom, for one decoder layer and one chunk of C new tokens (C = 1 w
    for a shortlist; the shortlist is reranked with the int8 keys (max of q.(k - mu) over the block's queries and
    the query heads of their GQA group) and the block keeps the `top_k_cold` best, shared by its queries (a decode
    step is a block of one). Past `cluster_segment` cold tokens the clustered ones reach the shortlist through the
-   two-level index (index.py) and only the rest are scanned. On the CPU all of it is one `search.search_and_rerank`
-   call per layer. Queries are turned by RoPE to the typical distance of a cold key first;
+   two-level index (index.py) and only the rest are scanned. On the CPU a prefill block's selection is one
+   `search.search_and_rerank` call per layer, and a decode step's, through to its RoPE'd keys and values, one
+   `token_retrieval` call. Queries are turned by RoPE to the typical distance of a cold key first;
 4. positions: exact attention uses true positions; retrieval the compact layout (sinks 0..s-1, each query's
    retrieved tokens s..s+r-1 in their original order, then the window and the chunk), so no relative distance
    exceeds the trained window;
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from infinitekv import adapters, codec, device_retrieval, search
+from infinitekv import adapters, codec, device_retrieval, search, token_retrieval
 from infinitekv.errors import IKVError
 from infinitekv.index import ClusterIndex
 
@@ -278,6 +279,16 @@ def selection_queries(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: in
     return turned.view(n_kv_heads, -1, length, head_dim).transpose(1, 2)
 
 
+def turned_step_query(q: torch.Tensor, distance: int, rope: Rope, n_kv_heads: int) -> np.ndarray:
+    """`selection_queries` for one decode step, in numpy (the same float32 products and sums, so the same bits,
+    without a torch call per operation): q [Hq, 1, D] -> float32 [Hk, G, D]."""
+    cos, sin = (t.float().cpu().numpy() for t in rope.at(distance, 1))
+    x = q[:, 0].detach().float().cpu().numpy()
+    half = x.shape[-1] // 2
+    turned = x * cos + np.concatenate((-x[:, half:], x[:, :half]), axis=-1) * sin
+    return turned.reshape(n_kv_heads, -1, x.shape[-1])
+
+
 def decode_cold(archive, layer: int, ids: np.ndarray):
     """Dequantised pre-RoPE keys and values of cold tokens ids [Hk, ...] (each head its own ids): [Hk, ..., D]."""
     rotation, key_mean = archive.rotation, archive.key_mean(layer)  # the R and mu these records were written with
@@ -301,27 +312,16 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     over a few consecutive tokens needs. Decode steps are blocks of one query.
     clusters: the layer's two-level index; the tokens it covers reach the rerank through it (the members of each
     block's best clusters) and only the rest are scanned flat, the `shortlist` shared between the two. With the
-    numba backend, the scan, the rerank and the pick are one call (`search.search_and_rerank`).
+    numba backend, the scan, the rerank and the pick are one call (`search.search_and_rerank`); `retrieve` takes a
+    decode step's from token_retrieval instead, which also decodes and places the picks.
     With the model on a GPU, device_retrieval does the same on the device.
     """
-    n_heads, length, group, head_dim = q_grouped.shape
     q_rotated = q_grouped @ archive.rotation.T  # scores against R(k - mu): q.(k - mu) = (R q).(R (k - mu))
     q_summed = q_rotated.sum(axis=2)  # [Hk, C, D]: one first-stage query per kv-head
     block_means = np.stack([q_summed[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, D]
-    covered = clusters.covered if clusters is not None else 0
-    n_cold = len(archive.signatures(layer))
     starts = np.array([a for a, _ in blocks] + [blocks[-1][1]])
-    # two-level: the shortlist is shared between the clusters and the flat tail in proportion to the tokens each
-    # holds, so the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing
-    # it the clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
-    tail_k = -(-config.shortlist * (n_cold - covered) // n_cold) if covered else config.shortlist
-    clustered = None
-    if covered:
-        per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
-        # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
-        # one rare token (a planted number) in a cluster of ordinary ones still reaches the rerank
-        clustered = search.ClusterCandidates(clusters.candidates(per_head, PROBE * (config.shortlist - tail_k)),
-                                             covered, config.shortlist - tail_k)
+    tail_k, clustered = shortlist_sources(archive, layer, q_rotated, blocks, config, clusters)
+    covered = clustered.covered if clustered is not None else 0
     if search.resolve_backend(config.search_backend) == "numba":  # the same picks in one call
         return search.search_and_rerank(archive.signatures(layer), archive.key_weights(layer), archive.records(layer),
                                         block_means, q_rotated, starts, tail_k, retrieved, config.search_mode,
@@ -343,6 +343,26 @@ def select_cold_blocks(archive, layer: int, q_grouped: np.ndarray, blocks, confi
     return np.take_along_axis(shortlist.transpose(1, 0, 2), best, axis=-1)  # [Hk, n_blocks, r]
 
 
+def shortlist_sources(archive, layer: int, q_rotated: np.ndarray, blocks, config: RetrievalConfig,
+                      clusters: ClusterIndex | None) -> tuple[int, search.ClusterCandidates | None]:
+    """How each block's shortlist is drawn: (tail_k, clustered), the `tail_k` best of the tokens the two-level
+    index does not cover by a flat scan and, where it covers some, the best of its clusters' members (None: all
+    flat). q_rotated [Hk, C, G, D]: the selection queries in the signatures' basis."""
+    covered = clusters.covered if clusters is not None else 0
+    if not covered:
+        return config.shortlist, None
+    n_cold = len(archive.signatures(layer))
+    # the shortlist is shared between the clusters and the flat tail in proportion to the tokens each holds, so
+    # the rerank sees as many candidates as with the flat scan (measured on the 32k passkey grid: handing it the
+    # clusters' `shortlist` plus the tail's lost the one needle the flat scan found, as a 4,096 shortlist did)
+    tail_k = -(-config.shortlist * (n_cold - covered) // n_cold)
+    per_head = np.stack([q_rotated[:, a:b].mean(axis=1) for a, b in blocks])  # [n_blocks, Hk, G, D]
+    # probe PROBE times as many clusters' members as there are places, and keep the best by their signatures:
+    # one rare token (a planted number) in a cluster of ordinary ones still reaches the rerank
+    return tail_k, search.ClusterCandidates(clusters.candidates(per_head, PROBE * (config.shortlist - tail_k)),
+                                            covered, config.shortlist - tail_k)
+
+
 def select_cold(archive, layer: int, q_grouped: np.ndarray, blocks, config: RetrievalConfig,
                 retrieved: int) -> np.ndarray:
     """`select_cold_blocks`, per query: ids [Hk, C, r], each query given its block's tokens."""
@@ -362,6 +382,7 @@ class ColdTier:
     clusters: dict = field(default_factory=dict)  # layer -> ClusterIndex, built as segments complete
     resident: dict | None = None  # layer -> search.ResidentIndex (with records) while retrieval runs on the GPU
     device_basis: dict = field(default_factory=dict)  # R and each layer's mu on the model's device
+    slot_tables: tuple | None = None  # ((sinks, retrieved, near, gap), (cos, sin) at the retrieved slots)
 
     def __post_init__(self):
         if retrieval_on_device(self.config, self.rope.device):
@@ -387,6 +408,22 @@ class ColdTier:
             self.resident[layer] = search.ResidentIndex(self.rope.device, with_records=True)
         self.resident[layer].sync(self.archive, layer)
         return self.resident[layer]
+
+    def fuses_token_steps(self) -> bool:
+        """Whether a decode step's retrieval is one numba call (token_retrieval): weighted search on the CPU."""
+        return (self.resident is None and self.config.search_mode == "weighted"
+                and search.resolve_backend(self.config.search_backend) == "numba")
+
+    def slot_rope(self, sinks: int, retrieved: int, near: int, gap: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin float32 [retrieved, D] at the retrieved slots' positions (`retrieve`'s layout), kept per layout:
+        a decode step only reads them."""
+        layout = (sinks, retrieved, near, gap)
+        if self.slot_tables is None or self.slot_tables[0] != layout:  # every layer's step shares one layout
+            positions = torch.arange(sinks, sinks + retrieved)
+            positions[retrieved - near :] += gap
+            cos, sin = self.rope.at(0, sinks + gap + retrieved)
+            self.slot_tables = layout, tuple(t.cpu()[positions].float().numpy() for t in (cos, sin))
+        return self.slot_tables[1]
 
     def basis_on_device(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """R and the layer's mu (fixed at its first spill) as float32 tensors on the model's device."""
@@ -468,7 +505,12 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     `near_picks` best come last, in token order too, after the gap (`near_last`)."""
     n_kv_heads = memory.sink_k.shape[0]
     s, w = memory.sink_k.shape[1], memory.window_len
-    turned = selection_queries(q, w + (retrieved + 1) // 2, cold.rope, n_kv_heads)
+    distance = w + (retrieved + 1) // 2
+    if blocks == [(0, 1)] and cold.fuses_token_steps():  # a decode step: one numba call, RoPE'd in slot order
+        keys, values = token_retrieval_keys(cold, layer, memory, turned_step_query(q, distance, cold.rope, n_kv_heads),
+                                            retrieved)
+        return keys[:, None].to(q.device, q.dtype), values[:, None].to(q.device, q.dtype)
+    turned = selection_queries(q, distance, cold.rope, n_kv_heads)
     index = cold.resident_index(layer)
     if index is not None:  # on the GPU: the same steps in torch, no host crossing
         rotation, key_mean = cold.basis_on_device(layer)
@@ -494,6 +536,21 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     return apply_rope(keys, cos[positions], sin[positions]), values
 
 
+def token_retrieval_keys(cold: ColdTier, layer: int, memory: LayerMemory, turned: np.ndarray, retrieved: int):
+    """`retrieve` for one decode step in one numba call (token_retrieval): turned [Hk, G, D] -> keys (RoPE'd),
+    values, float32 tensors [Hk, r, D] in slot order."""
+    archive, config = cold.archive, cold.config
+    rotated = turned @ archive.rotation.T  # as select_cold_blocks turns them, so the picks are the same
+    tail_k, clustered = shortlist_sources(archive, layer, rotated[:, None], [(0, 1)], config,
+                                          cold.cluster_index(layer))
+    gap = config.gap_before_near(retrieved, len(archive.signatures(layer)))
+    near = config.near_picks if gap else 0
+    cos, sin = cold.slot_rope(memory.sink_k.shape[1], retrieved, near, gap)
+    picks = token_retrieval.TokenPicks(tail_k, retrieved, near, cos, sin, clustered)
+    _, keys, values = token_retrieval.retrieve_token(archive, layer, turned, rotated, picks)
+    return torch.from_numpy(keys), torch.from_numpy(values)
+
+
 def near_last(turned: torch.Tensor, keys: torch.Tensor, blocks, near: int) -> torch.Tensor:
     """Slot order for each block's picks, its `near` best last: indices [Hk, n_blocks, r] into the picks (which are
     in token order), the far ones first and then the near ones, each in token order.
@@ -507,8 +564,10 @@ def near_last(turned: torch.Tensor, keys: torch.Tensor, blocks, near: int) -> to
     rows = torch.clamp(torch.arange(n_blocks * block, device=turned.device), max=length - 1)
     queries = turned[:, rows].reshape(n_heads, n_blocks, block * group, head_dim)
     scores = (queries @ keys.float().transpose(-1, -2)).amax(dim=2)  # [Hk, n_blocks, r]
+    # equal scores (a repeated token's equal keys) go to the later pick: it sits nearer the window in the text too
+    best_last = torch.argsort(scores.flip(-1), dim=-1, descending=True, stable=True)[..., :near]
     is_near = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device)
-    is_near.scatter_(-1, scores.topk(near, dim=-1).indices, 1)
+    is_near.scatter_(-1, scores.shape[-1] - 1 - best_last, 1)
     return torch.argsort(is_near, dim=-1, stable=True)
 
 

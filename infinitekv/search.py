@@ -38,8 +38,9 @@ makes "auto" do so too). The engine, with the model on a GPU, keeps each layer's
 every backend sums the same ints.
 
 `search_and_rerank` is a layer's whole cold selection (this scan, the two-level index's candidates where it has
-some, the int8 rerank of the shortlist and the pick) in one numba call for a decode step, the engine's path on the
-CPU; for prefill blocks of many queries the rerank between is a batched matmul (codec.score_shortlist).
+some, the int8 rerank of the shortlist and the pick) in one numba call for blocks of a few queries; for prefill
+blocks of many queries the rerank between is a batched matmul (codec.score_shortlist). The engine's decode step on
+the CPU runs the same steps, and the decode of its picks, in token_retrieval.
 """
 
 from __future__ import annotations

@@ -58,12 +58,13 @@ class _RotaryEmbedding(torch.nn.Module):
         self.register_buffer("inv_freq", 1.0 / 100.0 ** (torch.arange(0, head_dim, 2).double() / head_dim))
 
 
-def test_a_blocks_best_picks_sit_after_the_far_gap_and_the_others_before_it_each_in_token_order():
+@pytest.mark.parametrize("c, block", [(5, 2), (1, 1)], ids=["prefill", "decode"])
+def test_a_blocks_best_picks_sit_after_the_far_gap_and_the_others_before_it_each_in_token_order(c, block):
     """retrieve's layout against a brute-force one: per block, the near_picks best by the max over the block's
     queries and query heads of q.k sit after the gap, the rest from the sinks on; switched off (far_gap 0), every
-    pick sits at s + its rank in token order."""
+    pick sits at s + its rank in token order. A decode step takes the one-call path (token_retrieval)."""
     rng = np.random.default_rng(4)
-    hq, hk, d, n, c, r, near, gap = 4, 2, 16, 300, 5, 6, 2, 50
+    hq, hk, d, n, r, near, gap = 4, 2, 16, 300, 6, 2, 50
     keys = rng.standard_normal((n, hk, d)).astype(np.float32)
     records = codec.encode_records(keys.reshape(n * hk, d), rng.standard_normal((n * hk, d)).astype(np.float32))
     archive = _ColdRecordsWithMean(records.reshape(n, hk, -1), d, np.eye(d, dtype=np.float32))
@@ -72,9 +73,9 @@ def test_a_blocks_best_picks_sit_after_the_far_gap_and_the_others_before_it_each
     memory.sink_k = memory.sink_v = torch.randn(hk, 3, d)
     memory.set_window(torch.randn(hk, 7, d), torch.randn(hk, 7, d))
     q = torch.randn(hq, c, d)
-    blocks = select_blocks(c, 2)
+    blocks = select_blocks(c, block)
     for far_gap in (gap, 0):
-        config = RetrievalConfig(shortlist=64, select_block=2, near_picks=near, far_gap=far_gap)
+        config = RetrievalConfig(shortlist=64, select_block=block, near_picks=near, far_gap=far_gap)
         got_k, got_v = retrieve(ColdTier(archive, config, rope, {}), 0, memory, q, blocks, r)
         turned = selection_queries(q, 7 + (r + 1) // 2, rope, hk)  # [Hk, C, G, D]
         ids = select_cold_blocks(archive, 0, turned.numpy(), blocks, config, r)  # [Hk, n_blocks, r], ascending
