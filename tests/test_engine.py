@@ -306,3 +306,27 @@ def test_enable_leaves_numpys_blas_one_thread_so_its_pool_cannot_spin_against_to
             blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
             assert blas, "numpy links a BLAS"
             assert all(lib["num_threads"] == 1 for lib in blas)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_steps_in_one_call_per_layer_give_the_composed_retrievals_logits(family, monkeypatch):
+    """A decode step's retrieval runs as one numba call per layer (token_retrieval); the same steps composed from
+    the block path (the path prefill takes) give the same logits up to float rounding, step after step."""
+    from infinitekv import token_retrieval
+    from infinitekv.attention import ColdTier
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 320), generator=torch.Generator().manual_seed(6)).tolist()[0]
+    config = RetrievalConfig(hot_window=48, evict_batch=8, chunk_size=32, top_k_cold=12, shortlist=48, near_picks=3,
+                             far_gap=40, dense_up_to=0)
+    calls = []
+    one_call = token_retrieval.retrieve_token
+    monkeypatch.setattr(token_retrieval, "retrieve_token", lambda *args: calls.append(1) or one_call(*args))
+    steps = {}
+    for fused in (True, False):
+        monkeypatch.setattr(ColdTier, "fuses_token_steps", lambda self, fused=fused: fused)
+        with open_session(model, config=config, mode="ram") as session:
+            session.feed(ids[:300])
+            steps[fused] = torch.stack([session.feed([token])[-1] for token in ids[300:]])
+    assert len(calls) == 20 * model.config.num_hidden_layers  # every decode step of every layer, fused run only
+    torch.testing.assert_close(steps[True], steps[False], rtol=1e-4, atol=1e-4)
