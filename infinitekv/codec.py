@@ -105,22 +105,28 @@ def _decode_rows(records, ids, keys, values):
     # ids [H, M]: head h's tokens -> keys, values [H, M, D] float32, computed as decode_keys_rotated and
     # decode_values compute them (float32 products and sums, no fused multiply-add), so both give the same bits
     n_heads, m = ids.shape
-    d = keys.shape[2]
-    half = d // 2
-    at = d + half
     for task in nb.prange(n_heads * m):
         h = task // m
         j = task % m
-        row = records[ids[h, j], h]
-        key_scale = np.float32(_half_to_float(np.int32(row[at]), np.int32(row[at + 1])))
-        value_scale = np.float32(_half_to_float(np.int32(row[at + 4]), np.int32(row[at + 5])))
-        value_min = np.float32(_half_to_float(np.int32(row[at + 6]), np.int32(row[at + 7])))
-        for e in range(d):
-            keys[h, j, e] = np.float32(_int8(row[e])) * key_scale
-        for e in range(half):
-            packed = np.int32(row[d + e])
-            values[h, j, 2 * e] = value_min + np.float32(packed & 15) * value_scale
-            values[h, j, 2 * e + 1] = value_min + np.float32(packed >> 4) * value_scale
+        decode_record(records[ids[h, j], h], keys[h, j], values[h, j])
+
+
+@nb.njit(inline="always")
+def decode_record(row, key, value):
+    """Kernel helper (numba): one record row [record_bytes] -> its dequantised rotated key x = R (k - mu) and its
+    value, written into key and value [D] float32."""
+    d = key.shape[0]
+    half = d // 2
+    at = d + half
+    key_scale = np.float32(_half_to_float(np.int32(row[at]), np.int32(row[at + 1])))
+    value_scale = np.float32(_half_to_float(np.int32(row[at + 4]), np.int32(row[at + 5])))
+    value_min = np.float32(_half_to_float(np.int32(row[at + 6]), np.int32(row[at + 7])))
+    for e in range(d):
+        key[e] = np.float32(_int8(row[e])) * key_scale
+    for e in range(half):
+        packed = np.int32(row[d + e])
+        value[2 * e] = value_min + np.float32(packed & 15) * value_scale
+        value[2 * e + 1] = value_min + np.float32(packed >> 4) * value_scale
 
 
 def decode_rows(records: np.ndarray, ids: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:

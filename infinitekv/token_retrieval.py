@@ -10,7 +10,7 @@ crosses between torch, numpy and numba; per decode step that glue, not the scan,
    it has some (search._shortlist_of): the shortlist, ties to the lower index;
 2. rerank and pick: codec.rerank_candidates' int8 scores, the `keep` best (search._select_row), ascending: the
    same token ids as attention.select_cold_blocks (tested);
-3. decode: the picks' keys and values (codec._decode_rows' arithmetic), keys taken back to the model's basis,
+3. decode: the picks' keys and values (codec.decode_record, as decode_rows), keys taken back to the model's basis,
    k = x R + mu (summed in another order than numpy's product: equal up to float rounding);
 4. slot order (attention.near_last): far picks in token order, then the `near` best by max over the group's
    turned queries of q . k, in token order;
@@ -27,7 +27,7 @@ import numba as nb
 import numpy as np
 
 from infinitekv import search
-from infinitekv.codec import _half_to_float, _int8, rerank_candidates
+from infinitekv.codec import decode_record, rerank_candidates
 from infinitekv.threads import numba_threads_for
 
 
@@ -140,7 +140,7 @@ def _retrieve_token(sigs, weights, probed, records, queries, basis, tables, size
         rotated_keys = np.empty((keep, d), np.float32)
         picked_v = np.empty((keep, d), np.float32)
         for j in range(keep):
-            _decode_record(records[short_i[best_j[j]], h], rotated_keys[j], picked_v[j])
+            decode_record(records[short_i[best_j[j]], h], rotated_keys[j], picked_v[j])
         picked = np.zeros((keep, d), np.float32)  # x R + mu, in token order: R row by row, so the inner loop runs
         for j in range(keep):                     # along contiguous memory in vector registers
             for f in range(d):
@@ -158,23 +158,6 @@ def _retrieve_token(sigs, weights, probed, records, queries, basis, tables, size
                 turned_half = -picked[j, e + half] if e < half else picked[j, e - half]
                 keys[h, slot, e] = picked[j, e] * cos[slot, e] + turned_half * sin[slot, e]
                 values[h, slot, e] = picked_v[j, e]
-
-
-@nb.njit(inline="always")
-def _decode_record(row, key, value):
-    # one record -> its dequantised rotated key x = R (k - mu) and its value, as codec._decode_rows computes them
-    d = key.shape[0]
-    half = d // 2
-    at = d + half
-    key_scale = np.float32(_half_to_float(np.int32(row[at]), np.int32(row[at + 1])))
-    value_scale = np.float32(_half_to_float(np.int32(row[at + 4]), np.int32(row[at + 5])))
-    value_min = np.float32(_half_to_float(np.int32(row[at + 6]), np.int32(row[at + 7])))
-    for e in range(d):
-        key[e] = np.float32(_int8(row[e])) * key_scale
-    for e in range(half):
-        packed = np.int32(row[d + e])
-        value[2 * e] = value_min + np.float32(packed & 15) * value_scale
-        value[2 * e + 1] = value_min + np.float32(packed >> 4) * value_scale
 
 
 @nb.njit(inline="always")
