@@ -419,8 +419,7 @@ class ColdTier:
         a decode step only reads them."""
         layout = (sinks, retrieved, near, gap)
         if self.slot_tables is None or self.slot_tables[0] != layout:  # every layer's step shares one layout
-            positions = torch.arange(sinks, sinks + retrieved)
-            positions[retrieved - near :] += gap
+            positions = slot_positions(sinks, retrieved, near, gap, "cpu")
             cos, sin = self.rope.at(0, sinks + gap + retrieved)
             self.slot_tables = layout, tuple(t.cpu()[positions].float().numpy() for t in (cos, sin))
         return self.slot_tables[1]
@@ -530,10 +529,16 @@ def retrieve(cold: ColdTier, layer: int, memory: LayerMemory, q, blocks, retriev
     order = near_last(turned, keys, blocks, near)[..., None]  # [Hk, n_blocks, r, 1]
     keys = keys.gather(2, order.expand_as(keys)).to(dtype)
     values = values.gather(2, order.expand_as(values))
-    positions = torch.arange(s, s + retrieved, device=device)
-    positions[retrieved - near :] += gap
+    positions = slot_positions(s, retrieved, near, gap, device)
     cos, sin = cold.rope.at(0, s + gap + retrieved)
     return apply_rope(keys, cos[positions], sin[positions]), values
+
+
+def slot_positions(sinks: int, retrieved: int, near: int, gap: int, device) -> torch.Tensor:
+    """The compact positions of a block's retrieved slots: from the sinks on, the last `near` slots `gap` further."""
+    positions = torch.arange(sinks, sinks + retrieved, device=device)
+    positions[retrieved - near :] += gap
+    return positions
 
 
 def token_retrieval_keys(cold: ColdTier, layer: int, memory: LayerMemory, turned: np.ndarray, retrieved: int):

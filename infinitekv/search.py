@@ -609,13 +609,7 @@ def search_and_rerank(signatures, weights, records, block_queries, queries, bloc
     sigs, weights, block_queries, n_tail, _ = _check(signatures, weights, block_queries, shortlist,
                                                      "weighted" if clustered is not None else mode, "numba", start)
     n_blocks, n_heads, _ = block_queries.shape
-    if clustered is not None:
-        probed = np.ascontiguousarray(clustered.ids, dtype=np.int64)
-        if probed.shape[:2] != (n_blocks, n_heads) or (probed.size and not 0 <= probed.min() <= probed.max() < start):
-            raise ValueError(f"clustered ids must be [{n_blocks}, {n_heads}, M] tokens below {start}")
-        n_probe = max(0, min(clustered.keep, probed.shape[2]))
-    else:
-        probed, n_probe = np.zeros((n_blocks, n_heads, 0), np.int64), 0
+    probed, n_probe = probed_candidates(clustered, n_blocks, n_heads)
     keep = min(keep, n_tail + n_probe)
     out = np.empty((n_heads, n_blocks, keep), np.int64)
     if keep == 0:
@@ -640,25 +634,50 @@ def search_and_rerank(signatures, weights, records, block_queries, queries, bloc
     return out
 
 
+def probed_candidates(clustered: ClusterCandidates | None, n_blocks: int, n_heads: int) -> tuple[np.ndarray, int]:
+    """The two-level index's candidates as the kernels take them: (ids int64 [n_blocks, H, M], how many of each
+    row's join the shortlist); none without `clustered`. Refused in one line unless every id is below
+    clustered.covered."""
+    if clustered is None:
+        return np.zeros((n_blocks, n_heads, 0), np.int64), 0
+    probed, start = np.ascontiguousarray(clustered.ids, dtype=np.int64), clustered.covered
+    if probed.shape[:2] != (n_blocks, n_heads) or (probed.size and not 0 <= probed.min() <= probed.max() < start):
+        raise ValueError(f"clustered ids must be [{n_blocks}, {n_heads}, M] tokens below {start}")
+    return probed, max(0, min(clustered.keep, probed.shape[2]))
+
+
 @nb.njit(parallel=True, cache=True)
 def _search_and_rerank(sigs, weights, luts, probed, records, queries, block_starts, sizes, out):
-    # one task per (block, kv-head): its shortlist (_shortlist_of), the rerank of its records, the select of the
-    # best `keep` by index; what _shortlist_of, rerank_candidates and top_k_rows compute, in that order
+    # one task per (block, kv-head): pick_of
     keep = out.shape[2]
     n_heads = sigs.shape[1]
     for task in nb.prange(out.shape[1] * n_heads):
         b = task // n_heads
         h = task % n_heads
-        short_i = _shortlist_of(sigs, weights, luts, probed, sizes, b, h)
-        rerank = np.empty(len(short_i), np.float32)
-        rerank_candidates(records, short_i, queries[h], (block_starts[b], block_starts[b + 1]), h, rerank)
-        for j in range(len(rerank)):
-            rerank[j] = rerank[j] + np.float32(0.0)  # -0.0 and +0.0 must tie, as top_k_rows makes them
-        keep_s = np.empty(keep, np.float32)
-        keep_i = np.empty(keep, np.int64)
-        _select_row(rerank, keep, 0, keep_s, keep_i, True)
-        for j in range(keep):
-            out[h, b, j] = short_i[keep_i[j]]
+        out[h, b] = pick_of((sigs, weights, luts, probed), sizes, records, queries[h],
+                            (block_starts[b], block_starts[b + 1]), (b, h), keep)
+
+
+@nb.njit(inline="always")
+def pick_of(index, sizes, records, queries, span, task, keep):
+    """Kernel helper (numba): block b, kv-head h's `keep` best tokens, ascending: its shortlist (_shortlist_of),
+    the rerank of their records against queries[c, g] for c in span (codec.rerank_candidates), the select of the
+    best `keep` by index; what _shortlist_of, rerank_candidates and top_k_rows compute, in that order.
+    index = (sigs, weights, (scan LUTs, probe LUTs), probed); task = (b, h)."""
+    sigs, weights, luts, probed = index
+    b, h = task
+    short_i = _shortlist_of(sigs, weights, luts, probed, sizes, b, h)
+    rerank = np.empty(len(short_i), np.float32)
+    rerank_candidates(records, short_i, queries, span, h, rerank)
+    for j in range(len(rerank)):
+        rerank[j] = rerank[j] + np.float32(0.0)  # -0.0 and +0.0 must tie, as top_k_rows makes them
+    keep_s = np.empty(keep, np.float32)
+    keep_i = np.empty(keep, np.int64)
+    _select_row(rerank, keep, 0, keep_s, keep_i, True)
+    picked = np.empty(keep, np.int64)
+    for j in range(keep):
+        picked[j] = short_i[keep_i[j]]
+    return picked
 
 
 @nb.njit(parallel=True, cache=True)

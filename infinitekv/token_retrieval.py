@@ -7,9 +7,9 @@ crosses between torch, numpy and numba; per decode step that glue, not the scan,
 
 1. first stage: the step's query summed over its GQA group scores every tail token's signature, from LUTs built
    here as search.score_luts builds the weighted ones (the same ints), plus the two-level index's candidates where
-   it has some (search._shortlist_of): the shortlist, ties to the lower index;
-2. rerank and pick: codec.rerank_candidates' int8 scores, the `keep` best (search._select_row), ascending: the
-   same token ids as attention.select_cold_blocks (tested);
+   it has some: the shortlist, ties to the lower index;
+2. rerank and pick: codec.rerank_candidates' int8 scores, the `keep` best, ascending (1 and 2 are search.pick_of,
+   the very code search_and_rerank runs per block): the same token ids as attention.select_cold_blocks (tested);
 3. decode: the picks' keys and values (codec.decode_record, as decode_rows), keys taken back to the model's basis,
    k = x R + mu (summed in another order than numpy's product: equal up to float rounding);
 4. slot order (attention.near_last): far picks in token order, then the `near` best by max over the group's
@@ -27,7 +27,7 @@ import numba as nb
 import numpy as np
 
 from infinitekv import search
-from infinitekv.codec import decode_record, rerank_candidates
+from infinitekv.codec import decode_record
 from infinitekv.threads import numba_threads_for
 
 
@@ -63,13 +63,7 @@ def retrieve_token(archive, layer: int, turned: np.ndarray, rotated: np.ndarray,
     if not np.isfinite(rotated).all():
         raise ValueError("queries must be finite")
     n_tail = max(0, min(picks.shortlist, len(sigs) - start))
-    if clustered is not None:
-        probed = np.ascontiguousarray(clustered.ids, dtype=np.int64)
-        if probed.shape[:2] != (1, n_heads) or (probed.size and not 0 <= probed.min() <= probed.max() < start):
-            raise ValueError(f"clustered ids must be [1, {n_heads}, M] tokens below {start}")
-        n_probe = max(0, min(clustered.keep, probed.shape[2]))
-    else:
-        probed, n_probe = np.zeros((1, n_heads, 0), np.int64), 0
+    probed, n_probe = search.probed_candidates(clustered, 1, n_heads)
     keep = min(picks.keep, n_tail + n_probe)
     near = min(picks.near, keep)
     ids = np.empty((n_heads, keep), np.int64)
@@ -129,18 +123,12 @@ def _retrieve_token(sigs, weights, probed, records, queries, basis, tables, size
     luts = np.empty((n_heads, d // 8 * 256), np.int32)
     _weighted_luts(rotated, luts)
     for h in nb.prange(n_heads):
-        short_i = search._shortlist_of(sigs, weights, (luts, luts), probed, (start, n_tail, n_probe, True), 0, h)
-        rerank = np.empty(len(short_i), np.float32)
-        rerank_candidates(records, short_i, rotated[h : h + 1], (0, 1), h, rerank)
-        for j in range(len(rerank)):
-            rerank[j] = rerank[j] + np.float32(0.0)  # -0.0 and +0.0 must tie, as top_k_rows makes them
-        best_s = np.empty(keep, np.float32)
-        best_j = np.empty(keep, np.int64)
-        search._select_row(rerank, keep, 0, best_s, best_j, True)
+        picked_ids = search.pick_of((sigs, weights, (luts, luts), probed), (start, n_tail, n_probe, True), records,
+                                    rotated[h : h + 1], (0, 1), (0, h), keep)
         rotated_keys = np.empty((keep, d), np.float32)
         picked_v = np.empty((keep, d), np.float32)
         for j in range(keep):
-            decode_record(records[short_i[best_j[j]], h], rotated_keys[j], picked_v[j])
+            decode_record(records[picked_ids[j], h], rotated_keys[j], picked_v[j])
         picked = np.zeros((keep, d), np.float32)  # x R + mu, in token order: R row by row, so the inner loop runs
         for j in range(keep):                     # along contiguous memory in vector registers
             for f in range(d):
@@ -153,7 +141,7 @@ def _retrieve_token(sigs, weights, probed, records, queries, basis, tables, size
         half = d // 2
         for j in range(keep):
             slot = slot_of[j]
-            ids[h, slot] = short_i[best_j[j]]
+            ids[h, slot] = picked_ids[j]
             for e in range(d):
                 turned_half = -picked[j, e + half] if e < half else picked[j, e - half]
                 keys[h, slot, e] = picked[j, e] * cos[slot, e] + turned_half * sin[slot, e]
